@@ -1,0 +1,59 @@
+"""esworkbench: a workbench for the history of event-sourced systems.
+
+Event logs live as Delta Lake tables of Parquet files, DuckDB answers questions over them, and the
+events turn back into state. This module is the facade: the verbs and types a notebook needs.
+
+Examples:
+    >>> import tempfile, esworkbench as esw
+    >>> store = esw.open_store(tempfile.mkdtemp())
+    >>> store.append("acc-1", [esw.NewEvent("AccountOpened", {"owner": "Ann"})],
+    ...              aggregate_type="Account", expected_version=0)
+    1
+    >>> store.sql("select event_type from events").fetchall()
+    [('AccountOpened',)]
+"""
+
+from __future__ import annotations
+
+from esworkbench.errors import (
+    ConcurrencyError,
+    CorruptStoreError,
+    DuplicateEventError,
+    EsWorkbenchError,
+    InvalidEventError,
+    QueryError,
+    StoreError,
+    UnknownStreamError,
+)
+from esworkbench.events import EVENT_SCHEMA, NewEvent
+from esworkbench.store import (
+    ANY,
+    NO_STREAM,
+    STREAM_EXISTS,
+    AppendResult,
+    ExpectedVersion,
+    Store,
+    open_store,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ANY",
+    "EVENT_SCHEMA",
+    "NO_STREAM",
+    "STREAM_EXISTS",
+    "AppendResult",
+    "ConcurrencyError",
+    "CorruptStoreError",
+    "DuplicateEventError",
+    "EsWorkbenchError",
+    "ExpectedVersion",
+    "InvalidEventError",
+    "NewEvent",
+    "QueryError",
+    "Store",
+    "StoreError",
+    "UnknownStreamError",
+    "open_store",
+]

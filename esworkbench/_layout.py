@@ -1,0 +1,117 @@
+"""How events lie on disk: partition directories, sorted Parquet files and their Delta actions.
+
+The partition value of a file always comes from the Delta log. The directory name is only a
+readable, safe rendering of it (Hive-style escaping, as Spark and delta-rs write it), so that a
+value such as ``../x`` or ``a/b`` can never name a place outside the table, and a value too long
+for one path component gets a hashed name instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Final
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from deltalake.transaction import AddAction
+
+from esworkbench.events import EVENT_SCHEMA
+
+PARTITION_COLUMN: Final = "aggregate_type"
+SORT_KEYS: Final = [("aggregate_id", "ascending"), ("version", "ascending")]
+_STAT_COLUMNS: Final = ("position", "version", "aggregate_id", "schema_version")
+# Characters Hive and Spark escape in partition directory names, plus control characters.
+_ESCAPE: Final = frozenset("\"#%'*/:=?\\\x7f{[]^<>|") | {chr(c) for c in range(32)}
+_MAX_COMPONENT_BYTES: Final = 200
+
+
+def partition_dir(value: str) -> str:
+    """Returns the directory name for one aggregate_type, safe on every filesystem path.
+
+    Examples:
+        >>> partition_dir("Account")
+        'aggregate_type=Account'
+        >>> partition_dir("../x")
+        'aggregate_type=..%2Fx'
+    """
+    escaped = "".join(f"%{ord(ch):02X}" if ch in _ESCAPE else ch for ch in value)
+    name = f"{PARTITION_COLUMN}={escaped}"
+    if len(name.encode()) <= _MAX_COMPONENT_BYTES:
+        return name
+    digest = hashlib.sha256(value.encode()).hexdigest()[:24]
+    head = escaped[:48].rstrip("%0123456789ABCDEF") if "%" in escaped[:48] else escaped[:48]
+    return f"{PARTITION_COLUMN}={head}~{digest}"
+
+
+def fsync(path: Path) -> None:
+    """Flushes a file or directory to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_stats(table: pa.Table) -> str:
+    """The Delta stats JSON of a table about to be written (numRecords, min, max, nulls)."""
+    mins: dict[str, Any] = {}
+    maxs: dict[str, Any] = {}
+    for name in _STAT_COLUMNS:
+        bounds = pc.min_max(table[name])
+        mins[name] = bounds["min"].as_py()
+        maxs[name] = bounds["max"].as_py()
+    nulls = {name: table[name].null_count for name in table.column_names}
+    return json.dumps(
+        {"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls}
+    )
+
+
+def write_file(
+    table_root: Path,
+    aggregate_type: str,
+    rows: pa.Table,
+    *,
+    row_group_size: int,
+    presorted: bool = False,
+    data_change: bool = True,
+) -> AddAction:
+    """Writes rows of one aggregate_type, sorted by (aggregate_id, version), as a durable file.
+
+    The file is flushed to disk before the caller commits it, so a commit never names a file
+    that a crash could lose.
+    """
+    relative = f"{partition_dir(aggregate_type)}/part-{uuid.uuid4().hex}.parquet"
+    target = table_root / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ordered = (rows if presorted else rows.sort_by(SORT_KEYS)).cast(EVENT_SCHEMA)
+    pq.write_table(
+        ordered,
+        target,
+        row_group_size=row_group_size,
+        compression="zstd",
+        compression_level=1,
+        sorting_columns=pq.SortingColumn.from_ordering(EVENT_SCHEMA, SORT_KEYS),
+    )
+    fsync(target)
+    fsync(target.parent)
+    action = add_action(relative, target, aggregate_type, file_stats(ordered))
+    action.data_change = data_change
+    return action
+
+
+def add_action(relative: str, target: Path, aggregate_type: str, stats: str) -> AddAction:
+    """Builds the Delta add action for a file that already lies in the table."""
+    return AddAction(
+        path=relative,
+        size=target.stat().st_size,
+        partition_values={PARTITION_COLUMN: aggregate_type},
+        modification_time=int(time.time() * 1000),
+        data_change=True,
+        stats=stats,
+    )
