@@ -18,7 +18,7 @@ from deltalake.transaction import AddAction, RemoveAction
 
 from esworkbench import _layout
 from esworkbench.events import EVENT_SCHEMA
-from esworkbench.query import Session
+from esworkbench.query import FILES, Session
 
 if TYPE_CHECKING:
     from esworkbench.store import Store
@@ -58,7 +58,8 @@ def _merge(store: Store, kind: str, paths: list[str], session: Session) -> list[
     file_rows = store.settings["compact_file_rows"]
     with session._lock:
         reader = session.connection.sql(
-            "SELECT * FROM read_parquet(?) ORDER BY aggregate_id, version", params=[sources]
+            f"SELECT * FROM {FILES} ORDER BY aggregate_id, version",
+            params=[sources],
         ).to_arrow_reader(row_group_size)
         added: list[AddAction] = []
         pending: list[pa.RecordBatch] = []

@@ -208,7 +208,7 @@ class _Checker:
                 "wrap the value in a dict",
             )
         try:
-            return dumps_json(value)
+            return _dumps(value)
         except _JsonValueError as exc:
             raise self.fail(f"{name}{exc.path}", exc.reason, exc.hint) from None
 
@@ -273,12 +273,15 @@ def dumps_json(value: object) -> str:
         '{"amount":10.10,"tags":["a"]}'
     """
     try:
-        exact = _check_json(value, "")
+        return _dumps(value)
     except _JsonValueError as exc:
         raise InvalidEventError(
             f"value{exc.path} {exc.reason}. Hint: {exc.hint}", field=exc.path
         ) from None
-    if exact:
+
+
+def _dumps(value: object) -> str:
+    if _check_json(value, ""):
         return _encode_exact(value)
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 

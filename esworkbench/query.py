@@ -16,10 +16,12 @@ import pyarrow as pa
 from esworkbench.errors import QueryError
 from esworkbench.events import COLUMNS, EVENT_SCHEMA
 
-__all__ = ["Params", "Session"]
+__all__ = ["FILES", "Params", "Session"]
 
 Params = Sequence[object] | Mapping[str, object] | None
 
+FILES: Final = "read_parquet(?, hive_partitioning = false)"
+"""A scan of the Parquet files bound as the first parameter; values come from the files."""
 _COLUMN_LIST: Final = ", ".join(COLUMNS)
 _STREAMS_VIEW: Final = """
 CREATE OR REPLACE VIEW streams AS
@@ -85,7 +87,7 @@ class Session:
                 return
             if key:
                 listing = ", ".join(_literal(f) for f in key)
-                source = f"read_parquet([{listing}])"
+                source = f"read_parquet([{listing}], hive_partitioning = false)"
             else:
                 source = "_esw_no_events"
             self.connection.execute(

@@ -36,7 +36,7 @@ from esworkbench.errors import (
     StoreError,
 )
 from esworkbench.events import EVENT_SCHEMA
-from esworkbench.query import Params, Session
+from esworkbench.query import FILES, Params, Session
 
 __all__ = [
     "ANY",
@@ -212,7 +212,7 @@ class Store:
         if not files:
             return EVENT_SCHEMA.empty_table()
         query = (
-            "SELECT * FROM read_parquet(?) WHERE aggregate_id = ? AND version >= ?"
+            f"SELECT * FROM {FILES} WHERE aggregate_id = ? AND version >= ?"
             " AND version <= coalesce(?, version) AND recorded_at <= coalesce(?, recorded_at)"
             " ORDER BY version"
         )
@@ -242,8 +242,7 @@ class Store:
         while low < last:
             high = low + window
             reader = self._session.connection.sql(
-                "SELECT * FROM read_parquet(?) WHERE position > ? AND position <= ?"
-                " ORDER BY position",
+                f"SELECT * FROM {FILES} WHERE position > ? AND position <= ? ORDER BY position",
                 params=[files, low, high],
             ).to_arrow_reader(batch_size)
             for batch in reader:
@@ -279,7 +278,7 @@ class Store:
         if not files:
             return 0, None
         rows = self._session.execute(
-            "SELECT max(version), arg_max(aggregate_type, version) FROM read_parquet(?)"
+            f"SELECT max(version), arg_max(aggregate_type, version) FROM {FILES}"
             " WHERE aggregate_id = ?",
             [files, aggregate_id],
         )
