@@ -134,6 +134,8 @@ class _Checker:
             raise self.fail(name, "is empty", f"give the event a non-empty {name}")
         if "\x00" in value:
             raise self.fail(name, "contains a NUL character", "remove the NUL byte")
+        if not _is_utf8(value):
+            raise self.fail(name, _SURROGATE, "fix the text's encoding")
         return value
 
     def integer(self, name: str, value: object, *, minimum: int) -> int:
@@ -208,9 +210,23 @@ class _Checker:
                 "wrap the value in a dict",
             )
         try:
-            return _dumps(value)
+            text = _dumps(value)
         except _JsonValueError as exc:
             raise self.fail(f"{name}{exc.path}", exc.reason, exc.hint) from None
+        if not _is_utf8(text):
+            raise self.fail(name, _SURROGATE, "fix the text's encoding")
+        return text
+
+
+_SURROGATE: Final = "holds a lone surrogate, which UTF-8 cannot store"
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _JsonValueError(Exception):

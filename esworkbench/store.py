@@ -147,6 +147,18 @@ class Store:
                 self._heads.clear()
             return version
 
+    @property
+    def files(self) -> pa.Table:
+        """The data files of the newest commit, from the Delta log (path, size_bytes, stats).
+
+        Examples:
+            >>> import tempfile, esworkbench as esw
+            >>> esw.open_store(tempfile.mkdtemp()).files.num_rows
+            0
+        """
+        self.refresh()
+        return self._files
+
     def _bind(self) -> None:
         """Points the SQL views at the files of the loaded version (only when SQL needs it)."""
         if self._bound_version != self._loaded_version:
@@ -510,16 +522,13 @@ def open_store(path: str | os.PathLike[str], *, create: bool = True) -> Store:
 
 def _create(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
+    if not (root / ".lock").exists():
+        _refuse_strangers(root)  # before the lock file, so a refused directory stays untouched
     with (root / ".lock").open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         if (root / _MARKER).exists():
             return
-        strangers = [p.name for p in root.iterdir() if p.name != ".lock"]
-        if strangers:
-            raise StoreError(
-                f"{root} exists and holds {', '.join(sorted(strangers)[:3])}, but it is not an "
-                "esworkbench store (no store.json). Hint: choose an empty or new directory"
-            )
+        _refuse_strangers(root)
         create_table_with_add_actions(
             str(root / "events"),
             Schema.from_arrow(EVENT_SCHEMA),
@@ -532,6 +541,15 @@ def _create(root: Path) -> None:
         temporary = root / f".{_MARKER}.tmp"
         temporary.write_text(json.dumps(body, indent=2) + "\n")
         temporary.replace(root / _MARKER)
+
+
+def _refuse_strangers(root: Path) -> None:
+    strangers = sorted(p.name for p in root.iterdir() if p.name != ".lock")
+    if strangers:
+        raise StoreError(
+            f"{root} exists and holds {', '.join(strangers[:3])}, but it is not an "
+            "esworkbench store (no store.json). Hint: choose an empty or new directory"
+        )
 
 
 def _read_marker(marker: Path) -> dict[str, int]:
