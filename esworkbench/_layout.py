@@ -29,6 +29,8 @@ _STAT_COLUMNS: Final = ("position", "version", "aggregate_id", "schema_version")
 # Characters Hive and Spark escape in partition directory names, plus control characters.
 _ESCAPE: Final = frozenset("\"#%'*/:=?\\\x7f{[]^<>|") | {chr(c) for c in range(32)}
 _MAX_COMPONENT_BYTES: Final = 200
+# Dictionary encoding pays only where values repeat; ids and payloads are mostly unique.
+_DICTIONARY_COLUMNS: Final = ["event_type", "aggregate_type", "aggregate_id", "user_id"]
 
 
 def partition_dir(value: str) -> str:
@@ -72,6 +74,28 @@ def file_stats(table: pa.Table) -> str:
     )
 
 
+def sort_rows(rows: pa.Table, keys: list[tuple[str, str]] = SORT_KEYS) -> pa.Table:
+    """Sorts rows by (aggregate_id, version), gathering column by column.
+
+    Gathering each column on its own is several times faster here than ``Table.take``.
+    """
+    order = pc.sort_indices(rows, keys)
+    return pa.table([column.take(order) for column in rows.columns], schema=rows.schema)
+
+
+def partitions(rows: pa.Table) -> list[tuple[str, pa.Table]]:
+    """Splits rows into one sorted slice per aggregate_type, with one sort and no copies."""
+    ordered = sort_rows(rows, [(PARTITION_COLUMN, "ascending"), *SORT_KEYS])
+    runs = pc.run_end_encode(ordered[PARTITION_COLUMN].combine_chunks())
+    ends = runs.run_ends.to_pylist()
+    starts = [0, *ends[:-1]]
+    kinds = runs.values.to_pylist()
+    return [
+        (kind, ordered.slice(start, end - start))
+        for kind, start, end in zip(kinds, starts, ends, strict=True)
+    ]
+
+
 def write_file(
     table_root: Path,
     aggregate_type: str,
@@ -89,13 +113,14 @@ def write_file(
     relative = f"{partition_dir(aggregate_type)}/part-{uuid.uuid4().hex}.parquet"
     target = table_root / relative
     target.parent.mkdir(parents=True, exist_ok=True)
-    ordered = (rows if presorted else rows.sort_by(SORT_KEYS)).cast(EVENT_SCHEMA)
+    ordered = (rows if presorted else sort_rows(rows)).cast(EVENT_SCHEMA)
     pq.write_table(
         ordered,
         target,
         row_group_size=row_group_size,
         compression="zstd",
         compression_level=1,
+        use_dictionary=_DICTIONARY_COLUMNS,
         sorting_columns=pq.SortingColumn.from_ordering(EVENT_SCHEMA, SORT_KEYS),
     )
     fsync(target)

@@ -13,6 +13,7 @@ import json
 import os
 import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,7 +29,7 @@ from deltalake import DeltaTable, Schema
 from deltalake.exceptions import DeltaError
 from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
 
-from esworkbench import _layout, _writes
+from esworkbench import _checks, _layout, _writes
 from esworkbench.errors import (
     ConcurrencyError,
     CorruptStoreError,
@@ -218,7 +219,7 @@ class Store:
             >>> store.read_stream("nobody").num_rows
             0
         """
-        _writes.check_bound(until, "until")
+        _checks.check_bound(until, "until")
         self.refresh()
         files = self._files_for(aggregate_id)
         if not files:
@@ -344,7 +345,7 @@ class Store:
             ...              expected_version=esw.STREAM_EXISTS)
             2
         """
-        _writes.check_expected(aggregate_id, expected_version)
+        _checks.check_expected(aggregate_id, expected_version)
         with self._locked():
             head, stored_type = self._head(aggregate_id)
             kind = aggregate_type or stored_type
@@ -354,7 +355,7 @@ class Store:
                     "Hint: pass aggregate_type='Account' (or the type of your aggregate)",
                     field="aggregate_type",
                 )
-            table, supplied = _writes.canonical_batch(
+            table, supplied = _checks.canonical_batch(
                 events, self._session, tz=tz, aggregate_id=aggregate_id, aggregate_type=kind
             )
             if table.num_rows == 0:
@@ -401,7 +402,7 @@ class Store:
             ... ]).events
             2
         """
-        table, supplied = _writes.canonical_batch(events, self._session, tz=tz)
+        table, supplied = _checks.canonical_batch(events, self._session, tz=tz)
         if table.num_rows == 0:
             return AppendResult(0, 0, None, None)
         with self._locked():
@@ -420,10 +421,19 @@ class Store:
 
     def _commit(self, table: pa.Table) -> None:
         row_group_size = self.settings["row_group_size"]
-        actions: list[AddAction | RemoveAction] = [
-            _layout.write_file(self.table_path, kind, rows, row_group_size=row_group_size)
-            for kind, rows in _writes.by_aggregate_type(table)
-        ]
+        parts = _layout.partitions(table)
+
+        def write(part: tuple[str, pa.Table]) -> AddAction:
+            kind, rows = part
+            return _layout.write_file(
+                self.table_path, kind, rows, row_group_size=row_group_size, presorted=True
+            )
+
+        if len(parts) == 1:
+            actions: list[AddAction | RemoveAction] = [write(parts[0])]
+        else:  # Arrow sorts and Parquet encodes outside the GIL: one file per core at a time.
+            with ThreadPoolExecutor(max_workers=min(len(parts), os.cpu_count() or 1)) as pool:
+                actions = list(pool.map(write, parts))
         try:
             self._table.create_write_transaction(
                 actions, "append", EVENT_SCHEMA, partition_by=[_layout.PARTITION_COLUMN]

@@ -1,0 +1,224 @@
+"""Input checks: turn what a caller hands in into a canonical Arrow batch, or say what is wrong.
+
+Dicts and :class:`~esworkbench.NewEvent` values are checked field by field in
+:mod:`esworkbench.events`. Arrow tables are checked column-wise: one DuckDB pass finds the first
+bad row (JSON objects, UUIDs, required fields), and defaults are filled with Arrow kernels, so a
+batch of a million events never meets a Python loop.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any, Final
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from esworkbench.errors import DuplicateEventError, InvalidEventError
+from esworkbench.events import EVENT_SCHEMA, has_event_id, to_records
+from esworkbench.query import Session
+
+BATCH: Final = "_esw_batch"
+_REQUIRED: Final = ("event_type", "aggregate_type", "aggregate_id", "data")
+# Input columns: the canonical ones without position (assigned at commit), all nullable.
+INPUT_SCHEMA: Final = pa.schema(
+    [f.with_nullable(True) for f in EVENT_SCHEMA if f.name != "position"]
+)
+_CANONICAL_UUID: Final = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+_UUID_RULE: Final = (
+    "WHEN event_id IS NOT NULL AND TRY_CAST(event_id AS UUID) IS NULL THEN 'event_id'"
+)
+
+# One pass over the batch that finds the first row breaking a rule, with the rule's reason.
+_FIRST_BAD_ROW: Final = """
+SELECT _row, field, CASE
+    WHEN field = 'data' AND json_valid(data) THEN 'must be a JSON object'
+    WHEN field = 'metadata' AND json_valid(metadata) THEN 'must be a JSON object'
+    WHEN field IN ('data', 'metadata') THEN 'is missing or not valid JSON'
+    WHEN field = 'event_id' THEN 'is not a UUID'
+    WHEN field IN ('version', 'schema_version') THEN 'must be >= 1'
+    ELSE 'is missing or empty'
+  END AS reason
+FROM (
+  SELECT _row, data, metadata, CASE
+    WHEN event_type IS NULL OR event_type = '' THEN 'event_type'
+    WHEN aggregate_type IS NULL OR aggregate_type = '' THEN 'aggregate_type'
+    WHEN aggregate_id IS NULL OR aggregate_id = '' THEN 'aggregate_id'
+    WHEN data IS NULL OR NOT json_valid(data) OR json_type(data) <> 'OBJECT' THEN 'data'
+    WHEN metadata IS NOT NULL AND (NOT json_valid(metadata) OR json_type(metadata) <> 'OBJECT')
+      THEN 'metadata'
+    {uuid_rule}
+    WHEN version IS NOT NULL AND version < 1 THEN 'version'
+    WHEN schema_version IS NOT NULL AND schema_version < 1 THEN 'schema_version'
+  END AS field
+  FROM _esw_batch
+) WHERE field IS NOT NULL ORDER BY _row LIMIT 1
+"""
+
+_REPEATED_ID: Final = (
+    "SELECT event_id FROM _esw_batch GROUP BY event_id HAVING count(*) > 1 LIMIT 1"
+)
+
+_PROMOTED: Final = """
+SELECT coalesce(correlation_id, metadata->>'correlationId', metadata->>'correlation_id'),
+       coalesce(causation_id, metadata->>'causationId', metadata->>'causation_id'),
+       coalesce(user_id, metadata->>'userId', metadata->>'user_id')
+FROM _esw_batch ORDER BY _row
+"""
+
+
+def check_bound(value: object, name: str) -> None:
+    """Refuses a bound that is not an aware datetime."""
+    if value is None:
+        return
+    if not isinstance(value, datetime):
+        raise InvalidEventError(f"{name} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidEventError(
+            f"{name}={value.isoformat()} is a naive datetime. "
+            "Hint: give it a zone, for example datetime(..., tzinfo=UTC)"
+        )
+
+
+def check_expected(aggregate_id: object, expected: object) -> None:
+    """Refuses a stream id or expected_version of the wrong kind before any work is done."""
+    if not isinstance(aggregate_id, str) or not aggregate_id:
+        raise InvalidEventError(
+            f"aggregate_id must be a non-empty string, got {aggregate_id!r}", field="aggregate_id"
+        )
+    from esworkbench.store import ExpectedVersion
+
+    if isinstance(expected, ExpectedVersion):
+        return
+    if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
+        raise InvalidEventError(
+            f"expected_version must be a version >= 0, esworkbench.ANY or "
+            f"esworkbench.STREAM_EXISTS, got {expected!r}",
+            field="expected_version",
+        )
+
+
+def with_row_numbers(table: pa.Table) -> pa.Table:
+    """Adds ``_row``, the input order, which errors cite and positions follow."""
+    return table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+
+
+def _from_records(records: Sequence[dict[str, Any]]) -> pa.Table:
+    return with_row_numbers(pa.Table.from_pylist(list(records), schema=INPUT_SCHEMA))
+
+
+def _coerce(table: pa.Table, tz: str | None) -> pa.Table:
+    """Brings a user's Arrow table to the input schema, refusing what cannot be cast."""
+    columns = []
+    for target in INPUT_SCHEMA:
+        if target.name not in table.column_names:
+            if target.name in _REQUIRED:
+                raise InvalidEventError(
+                    f"the batch has no column {target.name!r}. Hint: columns are "
+                    f"{', '.join(INPUT_SCHEMA.names)}",
+                    field=target.name,
+                )
+            columns.append(pa.nulls(table.num_rows, target.type))
+            continue
+        column = table[target.name]
+        if pa.types.is_timestamp(column.type) and column.type.tz is None:
+            if tz is None:
+                raise InvalidEventError(
+                    f"column {target.name!r} holds naive timestamps. Hint: store them with a "
+                    "zone, or name the zone with tz=",
+                    field=target.name,
+                )
+            column = pc.assume_timezone(column, tz)
+        try:
+            columns.append(column.cast(target.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise InvalidEventError(
+                f"column {target.name!r} has type {column.type}, which cannot become "
+                f"{target.type}: {exc}. Hint: convert the column first",
+                field=target.name,
+            ) from exc
+    return with_row_numbers(pa.table(columns, schema=INPUT_SCHEMA).combine_chunks())
+
+
+def canonical_batch(
+    events: pa.Table | Iterable[object],
+    session: Session,
+    *,
+    tz: str | None = None,
+    aggregate_id: str | None = None,
+    aggregate_type: str | None = None,
+) -> tuple[pa.Table, bool]:
+    """Checks a batch and returns it canonical, with whether any event_id came from the caller."""
+    if not isinstance(events, pa.Table):
+        given = list(events)
+        records = to_records(given, aggregate_id=aggregate_id, aggregate_type=aggregate_type, tz=tz)
+        table = _from_records(records)
+        _refuse_repeats(session, table)
+        return table, any(map(has_event_id, given))
+    table = _coerce(events, tz)
+    ids = table["event_id"]
+    supplied = ids.null_count < table.num_rows
+    canonical_ids = pc.all(pc.match_substring_regex(ids, _CANONICAL_UUID)).as_py() is not False
+    query = _FIRST_BAD_ROW.format(uuid_rule="" if canonical_ids else _UUID_RULE)
+    with session._lock:
+        connection = session.connection
+        connection.register(BATCH, table)
+        try:
+            bad = connection.execute(query).fetchall()
+            if bad:
+                row, field, reason = bad[0]
+                raise InvalidEventError(
+                    f"event {row}: field {field!r} {reason}. Hint: fix the row and retry",
+                    index=row,
+                    field=field,
+                )
+            promoted = connection.sql(_PROMOTED).to_arrow_table()
+        finally:
+            connection.unregister(BATCH)
+    out = _fill_defaults(table, promoted, canonical_ids)
+    _refuse_repeats(session, out)
+    return out, supplied
+
+
+def _fill_defaults(table: pa.Table, promoted: pa.Table, canonical_ids: bool) -> pa.Table:
+    ids = table["event_id"]
+    if not canonical_ids:
+        ids = pa.chunked_array([[str(uuid.UUID(i)) if i else None for i in ids.to_pylist()]])
+    if ids.null_count:
+        missing = pc.is_null(ids)
+        fresh = pa.array([str(uuid.uuid4()) for _ in range(ids.null_count)], pa.string())
+        ids = pc.replace_with_mask(ids.combine_chunks(), missing.combine_chunks(), fresh)
+    now = pa.scalar(datetime.now().astimezone(), EVENT_SCHEMA.field("recorded_at").type)
+    recorded = pc.fill_null(table["recorded_at"], now)
+    replaced = {
+        "event_id": ids,
+        "recorded_at": recorded,
+        "occurred_at": pc.coalesce(table["occurred_at"], recorded),
+        "schema_version": pc.fill_null(table["schema_version"], pa.scalar(1, pa.int32())),
+        "correlation_id": promoted.column(0),
+        "causation_id": promoted.column(1),
+        "user_id": promoted.column(2),
+    }
+    for name, column in replaced.items():
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    return table
+
+
+def _refuse_repeats(session: Session, table: pa.Table) -> None:
+    with session._lock:
+        connection = session.connection
+        connection.register(BATCH, table.select(["event_id"]))
+        try:
+            repeated = connection.execute(_REPEATED_ID).fetchall()
+        finally:
+            connection.unregister(BATCH)
+    if repeated:
+        twice = str(repeated[0][0])
+        raise DuplicateEventError(
+            f"event_id {twice} appears more than once in the same append. Hint: give every "
+            "event its own id",
+            event_id=twice,
+        )
