@@ -9,7 +9,6 @@ that no reader ever sees.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -25,11 +24,11 @@ from urllib.parse import unquote
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import DeltaTable, Schema
+from deltalake import DeltaTable
 from deltalake.exceptions import DeltaError
-from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
+from deltalake.transaction import AddAction, RemoveAction
 
-from esworkbench import _checks, _layout, _writes
+from esworkbench import _checks, _layout, _marker, _writes
 from esworkbench.errors import (
     ConcurrencyError,
     CorruptStoreError,
@@ -48,11 +47,6 @@ __all__ = [
     "Store",
     "open_store",
 ]
-
-FORMAT: Final = "esworkbench-store"
-FORMAT_VERSION: Final = 1
-_MARKER: Final = "store.json"
-_DEFAULT_SETTINGS: Final = {"row_group_size": 8192, "compact_file_rows": 1_000_000}
 
 
 class ExpectedVersion(Enum):
@@ -521,62 +515,10 @@ def open_store(path: str | os.PathLike[str], *, create: bool = True) -> Store:
     root = Path(path).absolute()
     if root.exists() and not root.is_dir():
         raise StoreError(f"{root} is a file, not a store. Hint: pass a directory")
-    marker = root / _MARKER
+    marker = root / _marker.MARKER
     if not marker.exists():
         if not create:
             raise StoreError(f"{root} is not an esworkbench store. Hint: run esw init {root}")
-        _create(root)
-    settings = _read_marker(marker)
+        _marker.create(root, EVENT_SCHEMA)
+    settings = _marker.read(marker)
     return Store(root, settings)
-
-
-def _create(root: Path) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    if not (root / ".lock").exists():
-        _refuse_strangers(root)  # before the lock file, so a refused directory stays untouched
-    with (root / ".lock").open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        if (root / _MARKER).exists():
-            return
-        _refuse_strangers(root)
-        create_table_with_add_actions(
-            str(root / "events"),
-            Schema.from_arrow(EVENT_SCHEMA),
-            [],
-            mode="error",
-            partition_by=[_layout.PARTITION_COLUMN],
-            name="events",
-        )
-        body = {"format": FORMAT, "format_version": FORMAT_VERSION, "settings": _DEFAULT_SETTINGS}
-        temporary = root / f".{_MARKER}.tmp"
-        temporary.write_text(json.dumps(body, indent=2) + "\n")
-        temporary.replace(root / _MARKER)
-
-
-def _refuse_strangers(root: Path) -> None:
-    strangers = sorted(p.name for p in root.iterdir() if p.name != ".lock")
-    if strangers:
-        raise StoreError(
-            f"{root} exists and holds {', '.join(strangers[:3])}, but it is not an "
-            "esworkbench store (no store.json). Hint: choose an empty or new directory"
-        )
-
-
-def _read_marker(marker: Path) -> dict[str, int]:
-    try:
-        body = json.loads(marker.read_text())
-    except (OSError, ValueError) as exc:
-        raise CorruptStoreError(
-            f"{marker} cannot be read as JSON: {exc}. Hint: restore it from a backup"
-        ) from exc
-    if not isinstance(body, dict) or body.get("format") != FORMAT:
-        raise StoreError(f"{marker} does not describe an esworkbench store")
-    version = body.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise StoreError(
-            f"store {marker.parent} has format version {version!r}; this esworkbench reads up "
-            f"to {FORMAT_VERSION}. Hint: upgrade esworkbench to open it"
-        )
-    settings = dict(_DEFAULT_SETTINGS)
-    settings.update(body.get("settings") or {})
-    return settings
