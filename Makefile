@@ -40,7 +40,7 @@ test: setup-test
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	TZ=UTC $(BIN)/pytest
-	TZ=America/New_York $(BIN)/pytest -q -p no:cacheprovider tests/test_store.py tests/test_events.py
+	TZ=America/New_York $(BIN)/pytest -q -p no:cacheprovider
 
 bench: setup-test
 	$(BIN)/python benchmarks/bench_store.py

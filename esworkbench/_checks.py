@@ -131,7 +131,15 @@ def _coerce(table: pa.Table, tz: str | None) -> pa.Table:
                     "zone, or name the zone with tz=",
                     field=target.name,
                 )
-            column = pc.assume_timezone(column, tz)
+            try:
+                # "earliest" for a wall time that occurs twice, as datetime's fold=0 does.
+                column = pc.assume_timezone(column, tz, ambiguous="earliest")
+            except pa.ArrowInvalid as exc:
+                raise InvalidEventError(
+                    f"column {target.name!r} cannot be read in zone {tz!r}: {exc}. Hint: name an "
+                    "IANA zone such as 'Europe/Berlin', and give wall times that exist in it",
+                    field=target.name,
+                ) from exc
         try:
             columns.append(column.cast(target.type))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:

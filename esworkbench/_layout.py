@@ -69,8 +69,11 @@ def file_stats(table: pa.Table) -> str:
         mins[name] = bounds["min"].as_py()
         maxs[name] = bounds["max"].as_py()
     nulls = {name: table[name].null_count for name in table.column_names}
+    # Raw UTF-8, not \ud840\udc00 escapes: the Delta reader decodes surrogate pairs above
+    # U+1FFFF to another character, and a wrong max would prune the file from stream reads.
     return json.dumps(
-        {"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls}
+        {"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls},
+        ensure_ascii=False,
     )
 
 
