@@ -6,6 +6,7 @@ whole columns: stream heads come from one DuckDB query, versions from a sort and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 import numpy as np
@@ -15,7 +16,7 @@ import pyarrow.compute as pc
 from esworkbench._checks import BATCH
 from esworkbench.errors import ConcurrencyError, DuplicateEventError, InvalidEventError
 from esworkbench.events import EVENT_SCHEMA
-from esworkbench.query import Session
+from esworkbench.query import FILES, Session
 
 _STORED: Final = """
 SELECT count(*) AS hits,
@@ -24,17 +25,27 @@ SELECT count(*) AS hits,
        count(DISTINCT e.position - b._row) AS runs,
        min(e.position), max(e.position), max(e.version),
        arg_min(b.event_id, b._row), arg_min(e.aggregate_id, b._row), arg_min(e.version, b._row)
-FROM _esw_batch b JOIN events e ON e.event_id = b.event_id
+FROM _esw_batch b JOIN {events} e ON e.event_id = b.event_id
 """
 
 _HEADS: Final = """
 SELECT aggregate_id, max(version) AS head, arg_max(aggregate_type, version) AS stored_type
-FROM events WHERE aggregate_id IN (SELECT aggregate_id FROM _esw_batch)
+FROM {events} WHERE aggregate_id IN (SELECT aggregate_id FROM _esw_batch)
 GROUP BY aggregate_id
 """
 
 
-def find_stored(session: Session, table: pa.Table) -> tuple[int, int, int] | None:
+def _relation(query: str, staged: Sequence[str]) -> tuple[str, list[object]]:
+    """The query over stored events, plus files staged by an import not yet committed."""
+    if not staged:
+        return query.format(events="events"), []
+    events = f"(SELECT * FROM events UNION ALL SELECT * FROM {FILES})"
+    return query.format(events=events), [list(staged)]
+
+
+def find_stored(
+    session: Session, table: pa.Table, staged: Sequence[str] = ()
+) -> tuple[int, int, int] | None:
     """Returns (first position, last position, last version) if the whole batch is a retry.
 
     A retry is the same events, in the same order, stored by one earlier commit at the same
@@ -47,7 +58,7 @@ def find_stored(session: Session, table: pa.Table) -> tuple[int, int, int] | Non
         connection = session.connection
         connection.register(BATCH, table.select(["event_id", "aggregate_id", "version", "_row"]))
         try:
-            row = connection.execute(_STORED).fetchall()[0]
+            row = connection.execute(*_relation(_STORED, staged)).fetchall()[0]
         finally:
             connection.unregister(BATCH)
     hits, same, runs, first, last, version, event_id, stored_id, stored_version = row
@@ -63,17 +74,20 @@ def find_stored(session: Session, table: pa.Table) -> tuple[int, int, int] | Non
     )
 
 
-def _heads(session: Session, ids: pa.Array) -> pa.Table:
+def _heads(session: Session, ids: pa.Array, staged: Sequence[str]) -> pa.Table:
     with session._lock:
         connection = session.connection
         connection.register(BATCH, pa.table({"aggregate_id": ids}))
         try:
-            return connection.sql(_HEADS).to_arrow_table()
+            query, params = _relation(_HEADS, staged)
+            return connection.sql(query, params=params).to_arrow_table()
         finally:
             connection.unregister(BATCH)
 
 
-def place(session: Session, table: pa.Table, head_position: int) -> pa.Table:
+def place(
+    session: Session, table: pa.Table, head_position: int, staged: Sequence[str] = ()
+) -> pa.Table:
     """Gives each event its version and position, checking versions against stream heads.
 
     Within the batch, a stream's events keep their input order; the first continues the
@@ -91,7 +105,7 @@ def place(session: Session, table: pa.Table, head_position: int) -> pa.Table:
     first_index = np.flatnonzero(starts)
     rank = np.arange(count) - first_index[group] + 1
     streams = ids.filter(pa.array(starts))
-    heads = _heads(session, streams)
+    heads = _heads(session, streams, staged)
     found = pc.index_in(streams, heads["aggregate_id"])
     head_of = pc.fill_null(pc.take(heads["head"], found), 0).to_numpy(zero_copy_only=False)
     versions = head_of[group] + rank

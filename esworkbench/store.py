@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from urllib.parse import unquote
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import DeltaTable
+from deltalake import CommitProperties, DeltaTable, Transaction
 from deltalake.exceptions import DeltaError
 from deltalake.transaction import AddAction, RemoveAction
 
@@ -413,7 +414,8 @@ class Store:
                 pc.max(positions).as_py(),
             )
 
-    def _commit(self, table: pa.Table) -> None:
+    def _stage(self, table: pa.Table) -> list[AddAction]:
+        """Writes a placed batch as durable files, one per aggregate_type, not yet committed."""
         row_group_size = self.settings["row_group_size"]
         parts = _layout.partitions(table)
 
@@ -424,13 +426,35 @@ class Store:
             )
 
         if len(parts) == 1:
-            actions: list[AddAction | RemoveAction] = [write(parts[0])]
-        else:  # Arrow sorts and Parquet encodes outside the GIL: one file per core at a time.
-            with ThreadPoolExecutor(max_workers=min(len(parts), os.cpu_count() or 1)) as pool:
-                actions = list(pool.map(write, parts))
+            return [write(parts[0])]
+        # Arrow sorts and Parquet encodes outside the GIL: one file per core at a time.
+        with ThreadPoolExecutor(max_workers=min(len(parts), os.cpu_count() or 1)) as pool:
+            return list(pool.map(write, parts))
+
+    def _commit(self, table: pa.Table) -> None:
+        self._commit_actions(self._stage(table))
+
+    def _commit_actions(
+        self, added: list[AddAction], *, app: tuple[str, int] | None = None
+    ) -> None:
+        """Commits staged files in one Delta transaction, with an optional app checkpoint.
+
+        ``app`` is (application id, version): Delta's transaction identifier, committed
+        atomically with the files, which importers use as their checkpoint.
+        """
+        actions: list[AddAction | RemoveAction] = list(added)
+        properties = None
+        if app is not None:
+            properties = CommitProperties(
+                app_transactions=[Transaction(app[0], app[1], int(time.time() * 1000))]
+            )
         try:
             self._table.create_write_transaction(
-                actions, "append", EVENT_SCHEMA, partition_by=[_layout.PARTITION_COLUMN]
+                actions,
+                "append",
+                EVENT_SCHEMA,
+                partition_by=[_layout.PARTITION_COLUMN],
+                commit_properties=properties,
             )
         except (DeltaError, OSError) as exc:
             raise StoreError(
@@ -439,6 +463,18 @@ class Store:
             ) from exc
         self.refresh()
         _fsync_commit(self.table_path, self._table.version())
+
+    def app_version(self, app_id: str) -> int | None:
+        """The last checkpoint an application (such as an importer) committed, if any.
+
+        Examples:
+            >>> import tempfile, esworkbench as esw
+            >>> esw.open_store(tempfile.mkdtemp()).app_version("import:x") is None
+            True
+        """
+        self.refresh()
+        version = self._table.transaction_version(app_id)
+        return None if version is None else int(version)
 
     def compact(self) -> int:
         """Rewrites each partition's files as few files sorted by (aggregate_id, version).
