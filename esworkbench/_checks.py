@@ -55,7 +55,7 @@ FROM (
     WHEN schema_version IS NOT NULL AND schema_version < 1 THEN 'schema_version'
   END AS field
   FROM _esw_batch
-) WHERE field IS NOT NULL ORDER BY _row LIMIT 1
+) WHERE field IS NOT NULL ORDER BY _row
 """
 
 _REPEATED_ID: Final = (
@@ -175,7 +175,7 @@ def canonical_batch(
         connection = session.connection
         connection.register(BATCH, table)
         try:
-            bad = connection.execute(query).fetchall()
+            bad = connection.execute(query + " LIMIT 1").fetchall()
             if bad:
                 row, field, reason = bad[0]
                 raise InvalidEventError(
@@ -189,6 +189,28 @@ def canonical_batch(
     out = _fill_defaults(table, promoted, canonical_ids)
     _refuse_repeats(session, out)
     return out, supplied
+
+
+def bad_rows(session: Session, events: pa.Table, *, tz: str | None = None) -> pa.Table:
+    """Every row of an Arrow batch that the store would refuse: ``_row``, ``field``, ``reason``.
+
+    Examples:
+        >>> import pyarrow as pa
+        >>> from esworkbench.query import Session
+        >>> batch = pa.table({"aggregate_id": ["a", "b"], "aggregate_type": ["A", "A"],
+        ...                   "event_type": ["E", ""], "data": ["{}", "[]"]})
+        >>> bad_rows(Session(), batch).to_pylist()
+        [{'_row': 1, 'field': 'event_type', 'reason': 'is missing or empty'}]
+    """
+    table = _coerce(events, tz)
+    with session._lock:
+        connection = session.connection
+        connection.register(BATCH, table)
+        try:
+            query = _FIRST_BAD_ROW.format(uuid_rule=_UUID_RULE)
+            return connection.sql(query).to_arrow_table()
+        finally:
+            connection.unregister(BATCH)
 
 
 def _fill_defaults(table: pa.Table, promoted: pa.Table, canonical_ids: bool) -> pa.Table:
