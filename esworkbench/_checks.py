@@ -238,6 +238,10 @@ def _fill_defaults(table: pa.Table, promoted: pa.Table, canonical_ids: bool) -> 
 
 
 def _refuse_repeats(session: Session, table: pa.Table) -> None:
+    if table.num_rows <= 10_000:  # a set is quicker than a query for the appends of a notebook
+        ids = table["event_id"].to_pylist()
+        if len(set(ids)) == len(ids):
+            return
     with session._lock:
         connection = session.connection
         connection.register(BATCH, table.select(["event_id"]))

@@ -30,13 +30,14 @@ from deltalake.exceptions import DeltaError
 from deltalake.transaction import AddAction, RemoveAction
 
 from esworkbench import _checks, _layout, _marker, _writes
+from esworkbench._index import RowGroupIndex
 from esworkbench.errors import (
     ConcurrencyError,
     CorruptStoreError,
     InvalidEventError,
     StoreError,
 )
-from esworkbench.events import EVENT_SCHEMA
+from esworkbench.events import EVENT_SCHEMA, TIMESTAMP
 from esworkbench.query import FILES, Params, Session
 
 __all__ = [
@@ -109,6 +110,7 @@ class Store:
                 "Hint: the store's events/_delta_log is damaged; restore it from a backup"
             ) from exc
         self._session = Session()
+        self._index = RowGroupIndex()
         self._loaded_version = -1
         self._bound_version = -1
         self._files = pa.table({})
@@ -219,13 +221,16 @@ class Store:
         files = self._files_for(aggregate_id)
         if not files:
             return EVENT_SCHEMA.empty_table()
-        query = (
-            f"SELECT * FROM {FILES} WHERE aggregate_id = ? AND version >= ?"
-            " AND version <= coalesce(?, version) AND recorded_at <= coalesce(?, recorded_at)"
-            " ORDER BY version"
-        )
-        table = self._session.arrow(query, [files, aggregate_id, from_version, to_version, until])
-        return table.select(EVENT_SCHEMA.names).cast(EVENT_SCHEMA)
+        table = self._index.read(files, aggregate_id, EVENT_SCHEMA.names)
+        if table.num_rows == 0:
+            return EVENT_SCHEMA.empty_table()
+        keep = pc.greater_equal(table["version"], from_version)
+        if to_version is not None:
+            keep = pc.and_(keep, pc.less_equal(table["version"], to_version))
+        if until is not None:
+            keep = pc.and_(keep, pc.less_equal(table["recorded_at"], pa.scalar(until, TIMESTAMP)))
+        rows = table.filter(keep)
+        return rows.take(pc.sort_indices(rows["version"])).cast(EVENT_SCHEMA)
 
     def read_all(
         self, *, from_position: int = 0, batch_size: int = 65_536
@@ -275,8 +280,19 @@ class Store:
             >>> esw.open_store(tempfile.mkdtemp()).stream_version("acc-1")
             0
         """
-        self.refresh()
-        return self._head(aggregate_id)[0]
+        with self._thread_lock:
+            version = self.refresh()
+            head, kind = self._head(aggregate_id)
+            if kind is not None:
+                self._remember_head(aggregate_id, head, kind, version)
+            return head
+
+    def _remember_head(self, aggregate_id: str, head: int, kind: str, version: int) -> None:
+        """Caches a stream's head as of a log version; any other version empties the cache."""
+        if version != self._heads_at or len(self._heads) > 100_000:
+            self._heads.clear()
+            self._heads_at = version
+        self._heads[aggregate_id] = (head, kind)
 
     def _head(self, aggregate_id: str) -> tuple[int, str | None]:
         known = self._heads.get(aggregate_id)
@@ -285,13 +301,11 @@ class Store:
         files = self._files_for(aggregate_id)
         if not files:
             return 0, None
-        rows = self._session.execute(
-            f"SELECT max(version), arg_max(aggregate_type, version) FROM {FILES}"
-            " WHERE aggregate_id = ?",
-            [files, aggregate_id],
-        )
-        version, aggregate_type = rows[0]
-        return (int(version), str(aggregate_type)) if version is not None else (0, None)
+        rows = self._index.read(files, aggregate_id, ["aggregate_id", "version", "aggregate_type"])
+        if rows.num_rows == 0:
+            return 0, None
+        last = pc.index(rows["version"], pc.max(rows["version"])).as_py()
+        return int(rows["version"][last].as_py()), str(rows["aggregate_type"][last].as_py())
 
     # -- writing -------------------------------------------------------------------------
 
@@ -369,11 +383,8 @@ class Store:
             _check_head(aggregate_id, expected_version, head)
             before = self._loaded_version
             self._commit(_writes.place_stream(table, head, self.head_position()))
-            if self._loaded_version == before + 1:
-                if len(self._heads) > 100_000:
-                    self._heads.clear()
-                self._heads[aggregate_id] = (head + table.num_rows, kind)
-                self._heads_at = self._loaded_version
+            if self._loaded_version == before + 1:  # no other writer in between
+                self._remember_head(aggregate_id, head + table.num_rows, kind, self._loaded_version)
             return head + int(table.num_rows)
 
     def append_batch(
