@@ -15,8 +15,9 @@ Bank, aggregate_type ``Account`` (``acc-00000001``):
 - Skewed streams: most accounts get a handful of events; accounts 1-50 are picked Zipf-like and
   the hottest collect thousands.
 
-Order fulfilment saga over ``Order`` (``ord-*``), ``Inventory`` (``inv-<city>``), ``Payment``
-(``pay-*``): ``OrderPlaced {"customerId","items":[{"sku","qty","unitPrice"}],"amount","currency"}``
+Order fulfilment saga over ``Order`` (``ord-*``), ``Inventory`` (``inv-<city>-<section>``),
+``Payment`` (``pay-*``):
+``OrderPlaced {"customerId","items":[{"sku","qty","unitPrice"}],"amount","currency"}``
 -> ``StockReserved {"orderId","items"}`` -> ``PaymentAuthorized {"orderId","amount","currency"}``
 -> ``OrderConfirmed {}`` -> ``OrderShipped {"carrier","trackingNumber"}``. Compensations:
 ``StockReservationFailed`` -> ``OrderCancelled {"reason"}``; ``PaymentFailed`` ->
@@ -73,14 +74,14 @@ RESERVE, PAY, CONFIRM, SHIP, CUSTOMER_CANCEL, RELEASE, CANCEL, REFUND = range(8)
 K_ORDER, K_OPEN, K_HOT, K_RECENT = range(4)  # what a fresh slot does
 
 P_ORDER: Final = 0.15  # fresh slots placing an order (a saga adds about 4 more events later)
-P_OPEN, P_HOT = 0.08, 0.25  # of account slots: open an account, pick a hot one (else a recent one)
+P_OPEN, P_HOT = 0.08, 0.04  # of account slots: open an account, pick a hot one (else a recent one)
 HOT: Final = 50  # accounts 1..50 are the hot streams, picked Zipf-like; they are never closed
 MEAN_RECENT: Final = 50  # other picks fall geometrically on the most recently opened accounts
 P_FREEZE, P_CLOSE, P_DEPOSIT = 0.01, 0.025, 0.55  # cumulative thresholds of the account action
 P_BACKDATE: Final = 0.01
 P_STUCK, P_NO_STOCK, P_PAY_FAIL, P_CUSTOMER_CANCEL = 0.01, 0.03, 0.08, 0.05
 SHIP_DELAY_FACTOR: Final = 50  # shipping waits ~50x longer than the other saga steps
-_HOT_WEIGHTS: Final = 1 / np.arange(1, HOT + 1) ** 1.3
+_HOT_WEIGHTS: Final = 1 / np.arange(1, HOT + 1) ** 1.1
 _HOT_CDF: Final = np.cumsum(_HOT_WEIGHTS) / _HOT_WEIGHTS.sum()
 
 _FIRST = ("Ann", "Ben", "Chloé", "David", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas",
@@ -93,6 +94,7 @@ _PAY_FAIL_REASONS = ("card declined", "insufficient funds", "fraud suspected", "
 _CARRIERS = ("DHL", "UPS", "GLS", "FedEx")
 _WAREHOUSES = ("inv-berlin", "inv-paris", "inv-madrid", "inv-milan", "inv-warsaw", "inv-dublin")
 _WAREHOUSE_PICK = (0,) * 6 + (1,) * 4 + (2,) * 3 + (3, 4, 5)
+_SECTIONS: Final = 32  # each warehouse keeps its stock in sections, one stream each
 _N_SKU: Final = 1024
 _HEX: Final = np.frombuffer("".join(f"{b:02x}" for b in range(256)).encode(), np.uint16)
 # Bytes 0..31 are the hex digits of a UUID (two per uint16 above), byte 32 is "-".
@@ -117,7 +119,7 @@ class _Saga:
     user: str
     corr: int  # global index of the OrderPlaced event
     last: int  # global index of the saga's latest event
-    warehouse: int
+    warehouse: int  # the stock section: warehouse * _SECTIONS + section
     amount: str  # '"amount":12.30,"currency":"EUR"'
     stock: str  # the items as JSON, without prices
     order_version: int = 1
@@ -180,7 +182,7 @@ class _History:
         self.versions: list[int] = []
         self.balances: list[int] = []  # in cents
         self.status: list[int] = []
-        self.stock_versions = [0] * len(_WAREHOUSES)
+        self.stock_versions = [0] * (len(_WAREHOUSES) * _SECTIONS)
         self.orders = 0
         self.heap: list[tuple[int, int, int, _Saga]] = []  # (due index, tiebreak, step, saga)
 
@@ -305,7 +307,8 @@ class _History:
         user, currency = f"user-{(b >> 50) % (customers + 100) + 1}", _CURRENCY[(b >> 56) % 20]
         amount = f'"amount":{total / 100:.2f},"currency":"{currency}"'
         oid = f"ord-{self.orders:08d}"
-        saga = _Saga(oid, user, i, i, _WAREHOUSE_PICK[(b >> 2) & 15], amount, ",".join(stock))
+        section = _WAREHOUSE_PICK[(b >> 2) & 15] * _SECTIONS + (b >> 8) % _SECTIONS
+        saga = _Saga(oid, user, i, i, section, amount, ",".join(stock))
         data = f'{{"customerId":"{user}","items":[{",".join(items)}],{amount}}}'
         return saga, data
 
@@ -315,7 +318,7 @@ class _History:
         """A saga's next event: (type, aggregate_id, version, data, user_id, step after it)."""
         order, user, nxt = f'"orderId":"{s.order_id}"', "system", -1
         if step in (RESERVE, RELEASE):
-            agg = _WAREHOUSES[s.warehouse]
+            agg = f"{_WAREHOUSES[s.warehouse // _SECTIONS]}-{s.warehouse % _SECTIONS:02d}"
             ver = self.stock_versions[s.warehouse] = self.stock_versions[s.warehouse] + 1
             if step == RELEASE:
                 et, data = RELEASED, f'{{{order},"items":[{s.stock}]}}'

@@ -165,7 +165,7 @@ def test_stream_lengths_are_skewed() -> None:
     table = pa.concat_tables(generate(100_000, seed=11))
     lengths = sorted(Counter(table.column("aggregate_id").to_pylist()).values())
     assert lengths[len(lengths) // 2] <= 10
-    assert lengths[-1] >= 1_000
+    assert lengths[-1] >= 500  # a few hot streams: 50 times the median and more
 
 
 # -- the bank ----------------------------------------------------------------------------------
