@@ -27,6 +27,7 @@ __all__ = [
     "NewEvent",
     "dumps_json",
     "has_event_id",
+    "loads_exact",
     "to_records",
 ]
 
@@ -200,7 +201,7 @@ class _Checker:
             return None
         if isinstance(value, str | bytes):
             try:
-                value = json.loads(value)
+                value = loads_exact(value)
             except ValueError:
                 raise self.fail(name, "is text that is not JSON", "pass a dict") from None
         if not isinstance(value, Mapping):
@@ -300,6 +301,20 @@ def _dumps(value: object) -> str:
     if _check_json(value, ""):
         return _encode_exact(value)
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads_exact(text: str | bytes) -> Any:
+    """Parses JSON text keeping every number exact (Decimal for non-integers).
+
+    Examples:
+        >>> loads_exact('{"amount": 10.10}')
+        {'amount': Decimal('10.10')}
+    """
+    return json.loads(text, parse_float=Decimal, parse_constant=_refuse_constant)
 
 
 def has_event_id(raw: object) -> bool:
@@ -409,7 +424,7 @@ def _to_record(
     metadata = fields.get("metadata")
     if isinstance(metadata, str | bytes) and metadata:
         try:
-            metadata = json.loads(metadata)
+            metadata = loads_exact(metadata)
         except ValueError:
             raise check.fail("metadata", "is text that is not JSON", "pass a dict") from None
     recorded = check.instant("recorded_at", fields.get("recorded_at"), zone) or stamp

@@ -149,3 +149,10 @@ def test_schema_is_the_canonical_record() -> None:
     ]
     assert EVENT_SCHEMA.field("recorded_at").type == pa.timestamp("us", tz="UTC")
     assert EVENT_SCHEMA.field("schema_version").type == pa.int32()
+
+
+def test_json_text_payloads_keep_exact_numbers() -> None:
+    record = one({"event_type": "X", "data": '{"amount": 10.10, "big": 12345678901234567890.5}'})
+    assert record["data"] == '{"amount":10.10,"big":12345678901234567890.5}'
+    with pytest.raises(esw.InvalidEventError, match="not JSON"):
+        one({"event_type": "X", "data": '{"amount": NaN}'})
