@@ -26,6 +26,14 @@ from esworkbench.errors import (
     UnknownStreamError,
 )
 from esworkbench.events import EVENT_SCHEMA, NewEvent
+from esworkbench.sources import (
+    ImportResult,
+    SourceRewrittenError,
+    export_csv,
+    export_jsonl,
+    export_parquet,
+    import_events,
+)
 from esworkbench.store import (
     ANY,
     NO_STREAM,
@@ -49,11 +57,17 @@ __all__ = [
     "DuplicateEventError",
     "EsWorkbenchError",
     "ExpectedVersion",
+    "ImportResult",
     "InvalidEventError",
     "NewEvent",
     "QueryError",
+    "SourceRewrittenError",
     "Store",
     "StoreError",
     "UnknownStreamError",
+    "export_csv",
+    "export_jsonl",
+    "export_parquet",
+    "import_events",
     "open_store",
 ]

@@ -6,18 +6,12 @@ A library error (:class:`~esworkbench.EsWorkbenchError`) becomes one red line on
 
 from __future__ import annotations
 
-import base64
-import csv
-import functools
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Iterable
 from contextlib import closing, suppress
 from dataclasses import dataclass
-from datetime import date, datetime
-from datetime import time as clock_time
 from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any, Final, Literal
@@ -27,16 +21,14 @@ import duckdb
 import pyarrow as pa
 
 from esworkbench import __version__
+from esworkbench._output import FORMATS, Format, write
 from esworkbench.errors import EsWorkbenchError, InvalidEventError
-from esworkbench.events import dumps_json
 from esworkbench.query import translate
 from esworkbench.stats import store_info
 from esworkbench.store import Store, open_store
 
 __all__ = ["main"]
 
-Format = Literal["table", "csv", "json", "jsonl", "parquet"]
-FORMATS: Final[tuple[Format, ...]] = ("table", "csv", "json", "jsonl", "parquet")
 _STORE: Final = click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
 
 
@@ -166,92 +158,6 @@ def append(store_path: Path) -> None:
     )
 
 
-def _plain(value: object) -> object:
-    """A value of an Arrow row as a JSON value: instants as ISO 8601 text, bytes as base64."""
-    if value is None or isinstance(value, str | int | Decimal):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, datetime | date | clock_time):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
-    if isinstance(value, dict):
-        return {str(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
-    return str(value)
-
-
-def _column(column: pa.Array) -> list[Any]:
-    """A column as JSON values; the common types skip the per-value dispatch of _plain."""
-    kind, values = column.type, column.to_pylist()
-    if pa.types.is_string(kind) or pa.types.is_integer(kind) or pa.types.is_boolean(kind):
-        return list(values)
-    if pa.types.is_timestamp(kind) or pa.types.is_date(kind) or pa.types.is_time(kind):
-        return [None if v is None else v.isoformat() for v in values]
-    return [_plain(v) for v in values]
-
-
-def _encoder(schema: pa.Schema) -> Callable[[object], str]:
-    """JSON encoding; the slower exact one only where a Decimal may appear."""
-    if any(pa.types.is_decimal(t) or pa.types.is_nested(t) for t in schema.types):
-        return dumps_json
-    return functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"))
-
-
-def _cells(column: pa.Array, encode: Callable[[object], str], null: str) -> list[str]:
-    """A column as text cells: text as it is, other values as JSON, nulls as ``null``."""
-    return [null if v is None else v if isinstance(v, str) else encode(v) for v in _column(column)]
-
-
-def _write_table(reader: pa.RecordBatchReader, out: IO[str]) -> None:
-    table = reader.read_all()
-    encode, names = _encoder(table.schema), table.column_names
-    cells = [[c.replace("\n", "\\n") for c in _cells(col, encode, "NULL")] for col in table.columns]
-    kinds, pat = table.schema.types, pa.types
-    numeric = [pat.is_integer(k) or pat.is_floating(k) or pat.is_decimal(k) for k in kinds]
-    widths = [
-        max([len(name), *map(len, column)]) for name, column in zip(names, cells, strict=True)
-    ]
-
-    def line(row: Iterable[str]) -> str:
-        padded = (
-            c.rjust(w) if right else c.ljust(w)
-            for c, w, right in zip(row, widths, numeric, strict=True)
-        )
-        return "  ".join(padded).rstrip() + "\n"
-
-    out.write(line(names))
-    out.write(line("-" * w for w in widths))
-    out.writelines(line(row) for row in zip(*cells, strict=True))
-    out.write(f"({_plural(table.num_rows, 'row')})\n")
-
-
-def _write(reader: pa.RecordBatchReader, output_format: Format, out: IO[str]) -> None:
-    if output_format == "table":
-        _write_table(reader, out)
-        return
-    names, encode = reader.schema.names, _encoder(reader.schema)
-    if output_format == "csv":
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(names)
-        for batch in reader:
-            writer.writerows(zip(*(_cells(c, encode, "") for c in batch.columns), strict=True))
-        return
-    lines = (
-        encode(dict(zip(names, row, strict=True)))
-        for batch in reader
-        for row in zip(*map(_column, batch.columns), strict=True)
-    )
-    if output_format == "jsonl":
-        out.writelines(f"{line}\n" for line in lines)
-    else:
-        out.write("[")
-        out.writelines(f"{',' if i else ''}\n{line}" for i, line in enumerate(lines))
-        out.write("\n]\n")
-
-
 @main.command()
 @_STORE
 @click.argument("query")
@@ -298,7 +204,7 @@ def sql(
                         writer.write_batch(batch)
             else:
                 with click.open_file(str(output or "-"), "w", encoding="utf-8") as out:
-                    _write(reader, output_format, out)
+                    write(reader, output_format, out)
         except duckdb.Error as exc:  # DuckDB runs a relation lazily: some errors come late
             raise translate(exc, query) from exc
         except OSError as exc:
@@ -334,6 +240,104 @@ def info(store_path: Path, output_format: Literal["text", "json"]) -> None:
     with closing(_open(store_path)) as store:
         profile = store_info(store)
     click.echo(json.dumps(profile.to_dict(), indent=2) if output_format == "json" else profile)
+
+
+@main.command("import")
+@_STORE
+@click.argument("source")
+@click.option(
+    "--format",
+    "source_format",
+    type=click.Choice(["common", "eventsourcing", "marten"]),
+    default="common",
+    show_default=True,
+)
+@click.option(
+    "--on-error", type=click.Choice(["fail", "quarantine"]), default="fail", show_default=True
+)
+@click.option("--table", help="events table (common), application (eventsourcing), schema (marten)")
+@click.option("--tz", help="IANA zone for naive timestamps in the source")
+def import_(
+    store_path: Path,
+    source: str,
+    source_format: Literal["common", "eventsourcing", "marten"],
+    on_error: Literal["fail", "quarantine"],
+    table: str | None,
+    tz: str | None,
+) -> None:
+    """Import SOURCE (a file, postgresql:// or sqlite:/// URL) into STORE, past its checkpoint.
+
+    \f
+    Examples:
+        >>> import json, tempfile, pathlib
+        >>> from click.testing import CliRunner
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "e.jsonl").write_text(json.dumps({"eventType": "Opened",
+        ...     "aggregateId": "a", "aggregateType": "Account", "data": {}}) + "\\n")
+        >>> _ = CliRunner().invoke(main, ["init", str(folder / "s")])
+        >>> args = ["import", str(folder / "s"), str(folder / "e.jsonl")]
+        >>> print(CliRunner().invoke(main, args).output, end="")
+        Imported 1 event (source positions up to 1)
+    """
+    from esworkbench.sources import import_events
+
+    with closing(_open(store_path)) as store:
+        result = import_events(
+            store, source, format=source_format, on_error=on_error, table=table, tz=tz
+        )
+    text = f"Imported {_plural(result.imported, 'event')}"
+    if result.last_position is not None:
+        text += f" (source positions up to {result.last_position})"
+    click.echo(text)
+    if result.quarantined:
+        click.echo(
+            f"Quarantined {_plural(result.quarantined, 'bad row')} in {result.quarantine_path}",
+            err=True,
+        )
+
+
+@main.command()
+@_STORE
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--where", help="a SQL condition on the events, e.g. \"aggregate_type = 'Order'\"")
+@click.option("--param", "params", multiple=True, help="a value for a ? in --where (repeatable)")
+@click.option("--type", "aggregate_types", multiple=True, help="only this aggregate_type")
+def export(
+    store_path: Path,
+    dest: Path,
+    where: str | None,
+    params: tuple[str, ...],
+    aggregate_types: tuple[str, ...],
+) -> None:
+    """Export STORE's events to DEST (.jsonl[.gz|.zst], .parquet or .csv), in position order.
+
+    \f
+    Examples:
+        >>> import tempfile, pathlib
+        >>> from click.testing import CliRunner
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = CliRunner().invoke(main, ["demo", str(folder / "s"), "--events", "100"])
+        >>> args = ["export", str(folder / "s"), str(folder / "out.jsonl"), "--type", "Order"]
+        >>> CliRunner().invoke(main, args).output.startswith("Exported ")
+        True
+    """
+    from esworkbench.sources import export_csv, export_jsonl, export_parquet
+
+    suffixes = [x.lower() for x in dest.suffixes]
+    writer: Callable[..., int] = export_jsonl
+    if ".parquet" in suffixes:
+        writer = export_parquet
+    elif ".csv" in suffixes:
+        writer = export_csv
+    with closing(_open(store_path)) as store:
+        written = writer(
+            store,
+            dest,
+            where=where,
+            params=list(params) or None,
+            aggregate_types=list(aggregate_types) or None,
+        )
+    click.echo(f"Exported {_plural(written, 'event')} to {dest}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,166 @@
+"""Read-only access to the eventsourcing library's recorders, in SQLite and in PostgreSQL.
+
+Each recorder yields stored events as plain rows ``(position, originator_id, version, topic,
+state)`` in batches, finds the first stored event of given aggregates, and reads snapshots; the
+decoding of states is :mod:`esworkbench.sources.eventsourcing`'s concern.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from psycopg import sql
+
+from esworkbench.errors import EsWorkbenchError
+from esworkbench.sources import _sql
+
+__all__ = ["Recorder", "Row", "open_recorder"]
+
+Row = tuple[int | None, str, int, str, bytes]
+"""A stored event or snapshot: position (None for snapshots), originator_id, version, topic,
+state."""
+
+
+class Recorder(Protocol):
+    """What the readers need from a recorder."""
+
+    def events(self, after: int, batch_size: int) -> Iterator[list[Row]]: ...
+    def first_states(self, originator_ids: Sequence[str]) -> dict[str, bytes]: ...
+    def snapshots(self, batch_size: int) -> Iterator[list[Row]]: ...
+    def at(self, position: int) -> tuple[str, int] | None: ...
+    def close(self) -> None: ...
+
+
+class _SQLite:
+    """The library's SQLite recorder: ``stored_events`` (rowid) and ``stored_snapshots``."""
+
+    def __init__(self, path: str) -> None:
+        if not Path(path).is_file():
+            raise EsWorkbenchError(
+                f"no SQLite file at {path!r}. Hint: write sqlite:///relative.db or "
+                "sqlite:////absolute/path.db, as in the application's SQLITE_DBNAME"
+            )
+        self.db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+
+    def _batches(self, query: str, params: tuple[Any, ...], size: int) -> Iterator[list[Any]]:
+        try:
+            cursor = self.db.execute(query, params)
+            while rows := cursor.fetchmany(size):
+                yield rows
+        except sqlite3.Error as exc:
+            raise _refused(exc, query) from exc
+
+    def events(self, after: int, batch_size: int) -> Iterator[list[Row]]:
+        query = (
+            "SELECT rowid, originator_id, originator_version, topic, state FROM stored_events "
+            "WHERE rowid > ? ORDER BY rowid"
+        )
+        return self._batches(query, (after,), batch_size)
+
+    def first_states(self, originator_ids: Sequence[str]) -> dict[str, bytes]:
+        query = (
+            "SELECT e.originator_id, e.state FROM stored_events e "
+            "WHERE e.originator_id IN (SELECT value FROM json_each(?)) AND e.originator_version = "
+            "(SELECT min(originator_version) FROM stored_events "
+            "WHERE originator_id = e.originator_id)"
+        )
+        ids = json.dumps(list(originator_ids))
+        return {row[0]: row[1] for rows in self._batches(query, (ids,), 10_000) for row in rows}
+
+    def snapshots(self, batch_size: int) -> Iterator[list[Row]]:
+        query = (
+            "SELECT NULL, originator_id, originator_version, topic, state FROM stored_snapshots "
+            "ORDER BY originator_id, originator_version"
+        )
+        return self._batches(query, (), batch_size)
+
+    def at(self, position: int) -> tuple[str, int] | None:
+        query = "SELECT originator_id, originator_version FROM stored_events WHERE rowid = ?"
+        rows = [r for batch in self._batches(query, (position,), 1) for r in batch]
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _refused(exc: Exception, query: str) -> EsWorkbenchError:
+    return EsWorkbenchError(
+        f"the eventsourcing database refused the query: {exc}\n  query: {query}\n"
+        "Hint: check that the file or app= names the application's database"
+    )
+
+
+class _Postgres:
+    """The library's PostgreSQL recorder: ``<app>_events`` (notification_id) and snapshots."""
+
+    def __init__(self, dsn: str, app: str | None, schema: str | None) -> None:
+        prefix = (app or "stored").lower()
+        self.events_table = _sql.table_name(f"{prefix}_events", schema)
+        self.snapshots_table = _sql.table_name(f"{prefix}_snapshots", schema)
+        self.connection = _sql.connect(dsn)
+        try:
+            types = _sql.column_types(self.connection, self.events_table)
+            # Lookups run while a COPY streams events, which takes the other connection whole.
+            self.lookups = _sql.connect(dsn)
+        except BaseException:
+            self.connection.close()
+            raise
+        self.id_type = sql.SQL("uuid" if types.get("originator_id") == "uuid" else "text")
+
+    def _select(self, table: sql.Composable, position: str, where: str) -> str:
+        return (
+            sql.SQL(
+                "SELECT {p}, originator_id::text, originator_version, topic, state FROM {t} {w}"
+            )
+            .format(p=sql.SQL(position), t=table, w=sql.SQL(where))
+            .as_string()
+        )
+
+    def _rows(self, query: str, batch_size: int) -> Iterator[list[Row]]:
+        for batch in _sql.stream(self.connection, query, batch_size):
+            yield list(zip(*(c.to_pylist() for c in batch.columns), strict=True))
+
+    def events(self, after: int, batch_size: int) -> Iterator[list[Row]]:
+        where = f"WHERE notification_id > {int(after)} ORDER BY notification_id"
+        return self._rows(self._select(self.events_table, "notification_id", where), batch_size)
+
+    def first_states(self, originator_ids: Sequence[str]) -> dict[str, bytes]:
+        query = sql.SQL(
+            "SELECT f.originator_id::text, f.state FROM jsonb_array_elements_text($1::jsonb) i(id) "
+            "CROSS JOIN LATERAL (SELECT originator_id, state FROM {t} WHERE originator_id = "
+            "i.id::{k} ORDER BY originator_version LIMIT 1) f"
+        ).format(t=self.events_table, k=self.id_type)
+        found = _sql.run(self.lookups, query.as_string(), (json.dumps(list(originator_ids)),))
+        return dict(zip(*(c.to_pylist() for c in found.columns), strict=True))
+
+    def snapshots(self, batch_size: int) -> Iterator[list[Row]]:
+        where = "ORDER BY originator_id, originator_version"
+        return self._rows(self._select(self.snapshots_table, "NULL::bigint", where), batch_size)
+
+    def at(self, position: int) -> tuple[str, int] | None:
+        query = sql.SQL(
+            "SELECT originator_id::text, originator_version FROM {t} WHERE notification_id = $1"
+        ).format(t=self.events_table)
+        rows = _sql.run(self.connection, query.as_string(), (int(position),)).to_pylist()
+        return (rows[0]["originator_id"], rows[0]["originator_version"]) if rows else None
+
+    def close(self) -> None:
+        self.connection.close()
+        self.lookups.close()
+
+
+def open_recorder(source: str | os.PathLike[str], app: str | None, schema: str | None) -> Recorder:
+    """The recorder ``source`` names: ``sqlite:///path`` or a path for SQLite; a PostgreSQL URI
+    (``postgresql://...``) or conninfo (``host=... dbname=...``) for PostgreSQL."""
+    if isinstance(source, os.PathLike):
+        return _SQLite(os.fspath(source))
+    if source.startswith("sqlite:///"):
+        return _SQLite(source.removeprefix("sqlite:///"))
+    if source.startswith(("postgresql://", "postgres://")) or "=" in source:
+        return _Postgres(source, app, schema)
+    return _SQLite(source)

@@ -1,0 +1,251 @@
+"""The import driver: bring a source's events into a store exactly, all or nothing, incrementally.
+
+A reader yields batches of source rows (the canonical columns, ``source_position`` and ``error``).
+The driver holds the store's lock for the whole import, checks and places each batch against what
+is stored plus what this import has staged so far, writes each batch's files, and commits them all
+at the end in one Delta transaction together with the source's checkpoint (Delta's application
+transaction id). So an import that fails or dies leaves nothing visible, and a re-run reads only
+past the last committed source position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Literal, Protocol
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake.transaction import AddAction
+
+from esworkbench import _checks, _writes
+from esworkbench.errors import EsWorkbenchError, InvalidEventError
+from esworkbench.store import Store
+
+__all__ = ["ImportResult", "OnError", "Reader", "SourceRewrittenError", "run_import"]
+
+OnError = Literal["fail", "quarantine"]
+_APP_PREFIX = "esworkbench-import:"
+_CHECKPOINTS = "imports.json"
+
+
+class SourceRewrittenError(EsWorkbenchError):
+    """A source position imported earlier now holds a different event.
+
+    Examples:
+        >>> issubclass(SourceRewrittenError, EsWorkbenchError)
+        True
+    """
+
+
+class Reader(Protocol):
+    """A source of events, read in order of source position."""
+
+    @property
+    def key(self) -> str:
+        """Names the source for incremental imports (the same source, the same key)."""
+        ...
+
+    def batches(self, *, after: int, batch_size: int) -> Iterator[pa.Table]:
+        """Source rows with ``source_position > after``, in order, as Arrow tables."""
+        ...
+
+    def event_at(self, position: int) -> str | None:
+        """The event_id the source holds at a position now (None if there is none)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ImportResult:
+    """What an import did. ``imported + quarantined`` is every source row it read.
+
+    Examples:
+        >>> ImportResult("x", imported=3, quarantined=1, last_position=4).imported
+        3
+    """
+
+    source: str
+    imported: int
+    quarantined: int
+    last_position: int | None
+    quarantine_path: str | None = None
+
+    def __str__(self) -> str:
+        text = f"Imported {self.imported} events from {self.source}"
+        if self.quarantined:
+            text += f"; {self.quarantined} bad rows quarantined in {self.quarantine_path}"
+        return text
+
+
+class _Quarantine:
+    """Bad rows, each with its source position and reason, as JSON Lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.count = 0
+        self._file: IO[str] | None = None
+
+    def write(self, rows: pa.Table, reasons: list[str]) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+        for row, reason in zip(rows.to_pylist(), reasons, strict=True):
+            row.pop("error", None)
+            line = {"source_position": row.pop("source_position"), "reason": reason, "row": row}
+            self._file.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+        self.count += rows.num_rows
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+
+def _split_errors(batch: pa.Table) -> tuple[pa.Table, pa.Table]:
+    bad = pc.is_valid(batch["error"])
+    return batch.filter(pc.invert(bad)), batch.filter(bad)
+
+
+def _checked(store: Store, rows: pa.Table, tz: str | None) -> tuple[pa.Table, pa.Table, list[str]]:
+    """Splits reader-good rows into store-good rows and rows the store's checks refuse."""
+    events = rows.drop_columns(["source_position", "error"])
+    bad = _checks.bad_rows(store._session, events, tz=tz)
+    if bad.num_rows == 0:
+        return rows, rows.slice(0, 0), []
+    mask = pc.is_in(pa.array(range(rows.num_rows)), bad["_row"])
+    reasons = [
+        f"field {f!r} {r}"
+        for f, r in zip(bad["field"].to_pylist(), bad["reason"].to_pylist(), strict=True)
+    ]
+    return rows.filter(pc.invert(mask)), rows.filter(mask), reasons
+
+
+def run_import(
+    store: Store,
+    reader: Reader,
+    *,
+    on_error: OnError = "fail",
+    batch_size: int = 100_000,
+    tz: str | None = None,
+    quarantine: str | os.PathLike[str] | None = None,
+) -> ImportResult:
+    """Imports every source row past the last checkpoint; see the module docstring.
+
+    Raises:
+        InvalidEventError: with ``on_error="fail"``, at the first bad row, naming its source
+            position, field and reason; nothing of the import is committed.
+        SourceRewrittenError: a position imported before now holds another event.
+    """
+    if on_error not in ("fail", "quarantine"):
+        raise EsWorkbenchError(
+            f"on_error must be 'fail' or 'quarantine', got {on_error!r}. Hint: choose one"
+        )
+    app_id = _APP_PREFIX + reader.key
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    default = store.path / "quarantine" / f"{_safe(reader.key)}-{stamp}.jsonl"
+    quarantined = _Quarantine(Path(quarantine) if quarantine else default)
+    with store._locked():
+        store._bind()
+        after = store.app_version(app_id) or 0
+        _check_not_rewritten(store, reader, app_id)
+        staged: list[AddAction] = []
+        imported, last = 0, after
+        head = store.head_position()
+        try:
+            for batch in reader.batches(after=after, batch_size=batch_size):
+                if batch.num_rows == 0:
+                    continue
+                last = int(pc.max(batch["source_position"]).as_py())
+                good, bad = _split_errors(batch)
+                good, refused, reasons = _checked(store, good, tz)
+                reasons = bad["error"].to_pylist() + reasons
+                bad = pa.concat_tables([bad, refused])
+                if bad.num_rows and on_error == "fail":
+                    raise _first_error(reader.key, bad, reasons)
+                if bad.num_rows:
+                    quarantined.write(bad, reasons)
+                if good.num_rows == 0:
+                    continue
+                events, _ = _checks.canonical_batch(
+                    good.drop_columns(["source_position", "error"]), store._session, tz=tz
+                )
+                paths = [str(store.table_path / a.path) for a in staged]
+                _writes.find_stored(store._session, events, paths)
+                placed = _writes.place(store._session, events, head, paths)
+                staged += store._stage(placed)
+                head += placed.num_rows
+                imported += placed.num_rows
+            if last > after:
+                store._commit_actions(staged, app=(app_id, last))
+        except BaseException:
+            for action in staged:
+                with contextlib.suppress(OSError):
+                    (store.table_path / action.path).unlink()
+            raise
+        finally:
+            quarantined.close()
+        if last > after:
+            _remember(store, reader, app_id, last)
+    return ImportResult(
+        reader.key,
+        imported=imported,
+        quarantined=quarantined.count,
+        last_position=last if last else None,
+        quarantine_path=str(quarantined.path) if quarantined.count else None,
+    )
+
+
+def _first_error(key: str, bad: pa.Table, reasons: list[str]) -> InvalidEventError:
+    positions = bad["source_position"].to_pylist()
+    at = min(range(len(positions)), key=positions.__getitem__)
+    return InvalidEventError(
+        f"source {key}, position {positions[at]}: {reasons[at]}. Nothing of this import was "
+        "committed. Hint: fix the row in the source, or import with on_error='quarantine'",
+        index=positions[at],
+    )
+
+
+def _safe(key: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)[-80:]
+
+
+def _check_not_rewritten(store: Store, reader: Reader, app_id: str) -> None:
+    known = _checkpoints(store).get(app_id)
+    if not known:
+        return
+    position, event_id = int(str(known["position"])), known.get("event_id")
+    if event_id is None:
+        return
+    now = reader.event_at(position)
+    if now != event_id:
+        raise SourceRewrittenError(
+            f"source {reader.key} has rewritten its history: position {position} held event "
+            f"{event_id} when it was imported, and now holds {now}. Nothing was imported. "
+            "Hint: import the rewritten source into a new store, or compare the two histories"
+        )
+
+
+def _checkpoints(store: Store) -> dict[str, dict[str, object]]:
+    path = store.path / _CHECKPOINTS
+    try:
+        body = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise EsWorkbenchError(f"{path} cannot be read: {exc}. Hint: delete it") from exc
+    return body if isinstance(body, dict) else {}
+
+
+def _remember(store: Store, reader: Reader, app_id: str, position: int) -> None:
+    """Keeps the event_id at the checkpoint, to notice a rewritten source next time."""
+    body = _checkpoints(store)
+    body[app_id] = {"position": position, "event_id": reader.event_at(position)}
+    temporary = store.path / f".{_CHECKPOINTS}.tmp"
+    temporary.write_text(json.dumps(body, indent=2) + "\n")
+    temporary.replace(store.path / _CHECKPOINTS)

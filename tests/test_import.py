@@ -1,0 +1,206 @@
+"""import_events: exact, all or nothing, incremental, and honest about bad rows."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import esworkbench as esw
+
+DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def event(stream: str, version: int, **extra: object) -> dict[str, object]:
+    return {
+        "eventId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{stream}/{version}")),
+        "eventType": "MoneyDeposited",
+        "aggregateId": stream,
+        "aggregateType": "Account",
+        "version": version,
+        "timestamp": f"2024-01-01T00:00:{version:02d}Z",
+        "data": {"amount": 10, "n": version},
+        "metadata": {"userId": "u-1"},
+        **extra,
+    }
+
+
+def write_lines(path: Path, rows: list[object]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def count(store: esw.Store) -> int:
+    return int(store.sql("select count(*) from events").fetchall()[0][0])
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> esw.Store:
+    return esw.open_store(tmp_path / "store")
+
+
+def test_jsonl_import_is_exact_and_in_source_order(store: esw.Store, tmp_path: Path) -> None:
+    rows = [event("a", 1), event("b", 1), event("a", 2, data={"amount": 10.10})]
+    source = tmp_path / "events.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows).replace("10.1", "10.10"))
+    result = esw.import_events(store, source, format="common", on_error="fail")
+    assert (result.imported, result.quarantined, result.last_position) == (3, 0, 3)
+    stored = store.sql("select event_id, aggregate_id, version, data from events order by position")
+    assert [r[0] for r in stored.fetchall()] == [r["eventId"] for r in rows]
+    assert store.read_stream("a")["data"].to_pylist()[1] == '{"amount":10.10}'
+
+
+def test_a_rerun_imports_only_what_is_new(store: esw.Store, tmp_path: Path) -> None:
+    source = tmp_path / "events.jsonl"
+    write_lines(source, [event("a", 1), event("a", 2)])
+    assert esw.import_events(store, source).imported == 2
+    again = esw.import_events(store, source)
+    assert (again.imported, again.last_position) == (0, 2)  # the checkpoint it stands at
+    write_lines(source, [event("a", 1), event("a", 2), event("a", 3), event("b", 1)])
+    more = esw.import_events(store, source)
+    assert (more.imported, more.last_position) == (2, 4)
+    assert store.stream_version("a") == 3
+    assert count(store) == 4
+
+
+def test_a_rewritten_source_is_reported_not_merged(store: esw.Store, tmp_path: Path) -> None:
+    source = tmp_path / "events.jsonl"
+    write_lines(source, [event("a", 1), event("a", 2)])
+    esw.import_events(store, source)
+    changed = event("a", 2, eventId=str(uuid.uuid4()))
+    write_lines(source, [event("a", 1), changed, event("a", 3)])
+    with pytest.raises(esw.SourceRewrittenError, match="position 2"):
+        esw.import_events(store, source)
+    assert count(store) == 2
+
+
+def test_fail_mode_names_the_row_and_commits_nothing(store: esw.Store, tmp_path: Path) -> None:
+    source = tmp_path / "events.jsonl"
+    rows: list[object] = [event("a", 1), event("a", 2), {**event("b", 1), "version": "3a"}]
+    write_lines(source, rows)
+    with pytest.raises(esw.InvalidEventError, match=r"position 3.*version") as caught:
+        esw.import_events(store, source, batch_size=1)
+    assert "Nothing of this import was committed" in str(caught.value)
+    assert count(store) == 0
+    assert list((store.table_path).rglob("*.parquet")) == []
+    assert esw.import_events(store, tmp_path / "events.jsonl", on_error="quarantine").imported == 2
+
+
+def test_quarantine_keeps_every_bad_row_with_its_reason(store: esw.Store, tmp_path: Path) -> None:
+    source = tmp_path / "events.jsonl"
+    good = [event("a", 1), event("a", 2)]
+    source.write_text(
+        json.dumps(good[0])
+        + "\n"
+        + "{not json\n"
+        + json.dumps({**event("b", 1), "data": [1]})
+        + "\n"
+        + json.dumps(good[1])
+        + "\n"
+    )
+    result = esw.import_events(store, source, on_error="quarantine")
+    assert (result.imported, result.quarantined, result.last_position) == (2, 2, 4)
+    assert result.quarantine_path is not None
+    lines = [json.loads(x) for x in Path(result.quarantine_path).read_text().splitlines()]
+    assert [x["source_position"] for x in lines] == [2, 3]
+    assert "not JSON" in lines[0]["reason"]
+    assert "data" in lines[1]["reason"]
+    assert esw.import_events(store, source, on_error="quarantine").imported == 0
+
+
+def test_versions_continue_across_batches_of_one_import(store: esw.Store, tmp_path: Path) -> None:
+    source = tmp_path / "events.jsonl"
+    write_lines(source, [event("a", v) for v in range(1, 8)])
+    assert esw.import_events(store, source, batch_size=2).imported == 7
+    assert store.read_stream("a")["version"].to_pylist() == list(range(1, 8))
+    assert store.refresh() == 1  # one commit for the whole import
+
+
+def test_a_gap_in_the_source_fails_the_whole_import(store: esw.Store, tmp_path: Path) -> None:
+    source = tmp_path / "events.jsonl"
+    write_lines(source, [event("a", 1), event("a", 3)])
+    with pytest.raises(esw.ConcurrencyError):
+        esw.import_events(store, source, batch_size=1)
+    assert count(store) == 0
+
+
+def test_unknown_format_and_missing_file_are_clear(store: esw.Store, tmp_path: Path) -> None:
+    with pytest.raises(esw.EsWorkbenchError, match="unknown format"):
+        esw.import_events(store, tmp_path / "x.jsonl", format="kafka")  # type: ignore[arg-type]
+    with pytest.raises(esw.EsWorkbenchError, match="is not a file"):
+        esw.import_events(store, tmp_path / "missing.jsonl")
+
+
+# -- PostgreSQL, common schema --------------------------------------------------------------
+
+
+@pytest.fixture
+def pg_table() -> Iterator[str]:
+    name = f"events_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(DSN, autocommit=True) as connection:
+        connection.execute(
+            f"CREATE TABLE {name} (id BIGSERIAL PRIMARY KEY, event_id UUID UNIQUE, "
+            "event_type TEXT, aggregate_id TEXT, aggregate_type TEXT, version INT, data JSONB, "
+            "metadata JSONB, timestamp TIMESTAMPTZ, UNIQUE (aggregate_id, version))"
+        )
+        yield name
+        connection.execute(f"DROP TABLE {name}")
+
+
+def insert(table: str, rows: list[tuple[object, ...]]) -> None:
+    with psycopg.connect(DSN, autocommit=True) as connection:
+        connection.cursor().executemany(
+            f"INSERT INTO {table} (event_id, event_type, aggregate_id, aggregate_type, version, "
+            "data, metadata, timestamp) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            rows,
+        )
+
+
+@pytest.mark.postgres
+def test_postgres_import_follows_id_order_and_keeps_timestamps(
+    store: esw.Store, pg_table: str
+) -> None:
+    ids = [uuid.uuid4() for _ in range(3)]
+    insert(
+        pg_table,
+        [
+            (
+                ids[0],
+                "AccountOpened",
+                "a",
+                "Account",
+                1,
+                '{"owner": "Zoë"}',
+                None,
+                "2024-01-02T00:00:00Z",
+            ),
+            # back-dated: a later id with an earlier timestamp
+            (
+                ids[1],
+                "MoneyDeposited",
+                "a",
+                "Account",
+                2,
+                '{"amount": 12345678901234567890.01}',
+                '{"correlationId": "c-1"}',
+                "2024-01-01T00:00:00Z",
+            ),
+        ],
+    )
+    result = esw.import_events(store, DSN, format="common", table=pg_table)
+    assert (result.imported, result.last_position) == (2, 2)
+    rows = store.read_stream("a").to_pylist()
+    assert [r["event_id"] for r in rows] == [str(i) for i in ids[:2]]
+    assert rows[1]["recorded_at"] < rows[0]["recorded_at"]
+    assert rows[1]["data"] == '{"amount":12345678901234567890.01}'
+    assert rows[1]["correlation_id"] == "c-1"
+    assert rows[0]["metadata"] is None
+    insert(
+        pg_table,
+        [(ids[2], "MoneyWithdrawn", "a", "Account", 3, "{}", "{}", "2024-01-03T00:00:00Z")],
+    )
+    assert esw.import_events(store, DSN, table=pg_table).imported == 1
+    assert store.stream_version("a") == 3
