@@ -17,11 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Literal, Protocol
+from typing import IO, Any, Literal, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake.transaction import AddAction
+from tqdm.auto import tqdm
 
 from esworkbench import _checks, _writes
 from esworkbench.errors import EsWorkbenchError, InvalidEventError
@@ -155,10 +156,15 @@ def run_import(
         after = store.app_version(app_id) or 0
         _check_not_rewritten(store, reader, app_id)
         staged: list[AddAction] = []
+        progress: Any = None
         imported, last = 0, after
         head = store.head_position()
         try:
+            progress = tqdm(
+                desc=f"import {reader.key}", unit="event", unit_scale=True, disable=None
+            )
             for batch in reader.batches(after=after, batch_size=batch_size):
+                progress.update(batch.num_rows)
                 if batch.num_rows == 0:
                     continue
                 last = int(pc.max(batch["source_position"]).as_py())
@@ -189,6 +195,8 @@ def run_import(
                     (store.table_path / action.path).unlink()
             raise
         finally:
+            if progress is not None:
+                progress.close()
             quarantined.close()
         if last > after:
             _remember(store, reader, app_id, last)
