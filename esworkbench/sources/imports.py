@@ -158,6 +158,7 @@ def run_import(
         staged: list[AddAction] = []
         progress: Any = None
         imported, last = 0, after
+        last_event_id: str | None = None
         head = store.head_position()
         try:
             progress = tqdm(
@@ -168,6 +169,8 @@ def run_import(
                 if batch.num_rows == 0:
                     continue
                 last = int(pc.max(batch["source_position"]).as_py())
+                at_last = batch.filter(pc.equal(batch["source_position"], last))["event_id"]
+                last_event_id = at_last[0].as_py() if len(at_last) else None
                 good, bad = _split_errors(batch)
                 good, refused, reasons = _checked(store, good, tz)
                 reasons = bad["error"].to_pylist() + reasons
@@ -199,7 +202,7 @@ def run_import(
                 progress.close()
             quarantined.close()
         if last > after:
-            _remember(store, reader, app_id, last)
+            _remember(store, app_id, last, last_event_id)
     return ImportResult(
         reader.key,
         imported=imported,
@@ -250,10 +253,10 @@ def _checkpoints(store: Store) -> dict[str, dict[str, object]]:
     return body if isinstance(body, dict) else {}
 
 
-def _remember(store: Store, reader: Reader, app_id: str, position: int) -> None:
+def _remember(store: Store, app_id: str, position: int, event_id: str | None) -> None:
     """Keeps the event_id at the checkpoint, to notice a rewritten source next time."""
     body = _checkpoints(store)
-    body[app_id] = {"position": position, "event_id": reader.event_at(position)}
+    body[app_id] = {"position": position, "event_id": event_id}
     temporary = store.path / f".{_CHECKPOINTS}.tmp"
     temporary.write_text(json.dumps(body, indent=2) + "\n")
     temporary.replace(store.path / _CHECKPOINTS)
