@@ -182,7 +182,10 @@ def run_import(
                 if good.num_rows == 0:
                     continue
                 events, _ = _checks.canonical_batch(
-                    good.drop_columns(["source_position", "error"]), store._session, tz=tz
+                    good.drop_columns(["source_position", "error"]),
+                    store._session,
+                    tz=tz,
+                    checked=True,
                 )
                 paths = [str(store.table_path / a.path) for a in staged]
                 _writes.find_stored(store._session, events, paths)
