@@ -66,8 +66,9 @@ class ImportResult:
     """What an import did. ``imported + quarantined`` is every source row it read.
 
     Examples:
-        >>> ImportResult("x", imported=3, quarantined=1, last_position=4).imported
-        3
+        >>> print(ImportResult("x.jsonl", imported=3, quarantined=1, last_position=4,
+        ...                    quarantine_path="q.jsonl"))
+        Imported 3 events from x.jsonl; 1 bad row quarantined in q.jsonl
     """
 
     source: str
@@ -77,9 +78,12 @@ class ImportResult:
     quarantine_path: str | None = None
 
     def __str__(self) -> str:
-        text = f"Imported {self.imported} events from {self.source}"
+        def count(n: int, noun: str) -> str:
+            return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+        text = f"Imported {count(self.imported, 'event')} from {self.source}"
         if self.quarantined:
-            text += f"; {self.quarantined} bad rows quarantined in {self.quarantine_path}"
+            text += f"; {count(self.quarantined, 'bad row')} quarantined in {self.quarantine_path}"
         return text
 
 
