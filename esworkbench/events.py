@@ -304,7 +304,7 @@ def _dumps(value: object) -> str:
 
 
 def _refuse_constant(name: str) -> object:
-    raise ValueError(f"{name} is not JSON")
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def loads_exact(text: str | bytes) -> Any:

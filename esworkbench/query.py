@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import duckdb
-import pyarrow as pa
 
 from esworkbench.errors import QueryError
 from esworkbench.events import COLUMNS, EVENT_SCHEMA
@@ -117,14 +116,6 @@ class Session:
         with self._lock:
             try:
                 return self.connection.execute(query, params).fetchall()
-            except duckdb.Error as exc:
-                raise translate(exc, query) from exc
-
-    def arrow(self, query: str, params: Params = None) -> pa.Table:
-        """Runs an internal query and returns an Arrow table; errors are translated."""
-        with self._lock:
-            try:
-                return self.connection.sql(query, params=params).to_arrow_table()
             except duckdb.Error as exc:
                 raise translate(exc, query) from exc
 

@@ -517,11 +517,7 @@ def _fsync_commit(table_path: Path, version: int) -> None:
     log = table_path / "_delta_log"
     for target in (log / f"{version:020d}.json", log):
         if target.exists():
-            fd = os.open(target, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _layout.fsync(target)
 
 
 def _check_head(aggregate_id: str, expected: int | ExpectedVersion, head: int) -> None:

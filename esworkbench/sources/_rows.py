@@ -8,19 +8,17 @@ field that could not, with the reason.
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import pyarrow as pa
 
 from esworkbench.errors import InvalidEventError
-from esworkbench.events import _ALIASES, EVENT_SCHEMA, dumps_json
+from esworkbench.events import _ALIASES, EVENT_SCHEMA, dumps_json, loads_exact
 
 __all__ = ["SOURCE_SCHEMA", "bad_row", "check_row", "compact_json", "zone_of"]
 
@@ -232,10 +230,6 @@ def _instant(value: object, zone: ZoneInfo | None) -> datetime | None:
     return value.astimezone(UTC)
 
 
-def _refuse_constant(name: str) -> object:
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def _json_object(value: object, *, required: bool) -> tuple[str | None, object]:
     """Returns (compact JSON text, parsed value) of an object given as text or a mapping."""
     if value is None:
@@ -250,7 +244,7 @@ def _json_object(value: object, *, required: bool) -> tuple[str | None, object]:
     if not isinstance(value, str):
         raise _FieldError(f"must be a JSON object, got {_shown(value)}")
     try:
-        parsed = json.loads(value, parse_float=Decimal, parse_constant=_refuse_constant)
+        parsed = loads_exact(value)
     except ValueError:
         raise _FieldError(f"is text that is not JSON: {_shown(value)}") from None
     if not isinstance(parsed, dict):

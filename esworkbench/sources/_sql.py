@@ -24,6 +24,7 @@ import pyarrow as pa
 from psycopg import sql
 
 from esworkbench.errors import EsWorkbenchError, QueryError
+from esworkbench.events import TIMESTAMP
 from esworkbench.sources._rows import SOURCE_SCHEMA
 
 if TYPE_CHECKING:
@@ -46,7 +47,6 @@ __all__ = [
     "table_name",
 ]
 
-TIMESTAMP: Final = pa.timestamp("us", tz="UTC")
 SNAPSHOT_SOURCE_SCHEMA: Final[pa.Schema] = pa.schema(
     [
         pa.field("aggregate_type", pa.string()),

@@ -37,7 +37,7 @@ from typing import Any, Final
 
 import pyarrow as pa
 
-from esworkbench.events import dumps_json
+from esworkbench.events import dumps_json, loads_exact
 from esworkbench.sources import _sql
 from esworkbench.sources._recorders import Row, open_recorder
 from esworkbench.sources._rows import SOURCE_SCHEMA
@@ -137,7 +137,7 @@ class _Decoder:
                 "data", "the state is not UTF-8 JSON (compressed or encrypted states are not read)"
             ) from None
         try:
-            value = _JSON.decode(text)
+            value = loads_exact(text)  # Decimal digits as written; NaN refused
         except ValueError as exc:
             raise _UnreadableError("data", f"the state is not JSON: {exc}") from None
         if not isinstance(value, dict):
@@ -178,7 +178,7 @@ class _Decoder:
     ) -> str:
         try:
             if isinstance(data, dict | list):  # inner wrappers first, as JSONTranscoder does
-                data = _JSON.decode(self.json_text(data, path, found))
+                data = loads_exact(self.json_text(data, path, found))
             text = dumps_json(decode(data))
         except (ValueError, TypeError, ArithmeticError) as exc:
             raise _UnreadableError(
@@ -195,14 +195,6 @@ def _utf8(text: str) -> str:
     except UnicodeEncodeError:
         raise _UnreadableError("data", "holds a lone surrogate, which UTF-8 cannot store") from None
     return text
-
-
-def _refuse_constant(name: str) -> object:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-# Numbers keep their digits (Decimal, never float); NaN and Infinity are refused.
-_JSON: Final = json.JSONDecoder(parse_float=Decimal, parse_constant=_refuse_constant)
 
 
 def _instant(wrapped: Any) -> datetime:
