@@ -15,6 +15,7 @@ Examples:
 
 from __future__ import annotations
 
+from esworkbench.attach import AttachedLake, attach
 from esworkbench.errors import (
     ConcurrencyError,
     CorruptStoreError,
@@ -22,6 +23,7 @@ from esworkbench.errors import (
     EsWorkbenchError,
     InvalidEventError,
     QueryError,
+    ReadOnlyError,
     StoreError,
     UnknownStreamError,
 )
@@ -52,6 +54,7 @@ __all__ = [
     "NO_STREAM",
     "STREAM_EXISTS",
     "AppendResult",
+    "AttachedLake",
     "ConcurrencyError",
     "CorruptStoreError",
     "DuplicateEventError",
@@ -61,10 +64,12 @@ __all__ = [
     "InvalidEventError",
     "NewEvent",
     "QueryError",
+    "ReadOnlyError",
     "SourceRewrittenError",
     "Store",
     "StoreError",
     "UnknownStreamError",
+    "attach",
     "export_csv",
     "export_jsonl",
     "export_parquet",

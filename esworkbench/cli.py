@@ -6,6 +6,7 @@ A library error (:class:`~esworkbench.EsWorkbenchError`) becomes one red line on
 
 from __future__ import annotations
 
+import glob
 import json
 import sys
 import time
@@ -22,6 +23,7 @@ import pyarrow as pa
 
 from esworkbench import __version__
 from esworkbench._output import FORMATS, Format, write
+from esworkbench.attach import AttachedLake, attach
 from esworkbench.errors import EsWorkbenchError, InvalidEventError
 from esworkbench.query import translate
 from esworkbench.stats import store_info
@@ -89,6 +91,15 @@ def _open(path: Path) -> Store:
     store = open_store(path, create=False)
     store.sql("SET enable_progress_bar = false")  # DuckDB would draw it on stdout
     return store
+
+
+def _open_readable(path: Path) -> Store | AttachedLake:
+    """A store, or else a foreign lake attached read-only (a Delta table or Parquet files)."""
+    if (path / "store.json").exists() or not (path.exists() or glob.has_magic(str(path))):
+        return _open(path)
+    lake = attach(path)
+    lake.sql("SET enable_progress_bar = false")
+    return lake
 
 
 def _read_events(lines: Iterable[bytes]) -> tuple[list[dict[str, Any]], list[int]]:
@@ -175,6 +186,9 @@ def sql(
 ) -> None:
     """Run QUERY over the views events and streams of STORE and print the rows.
 
+    STORE may also be a foreign lake, attached read-only: a Delta table, a directory of
+    hive-partitioned Parquet or a glob of Parquet files, with columns named as in a store.
+
     Values travel as --param, bound to the ?s in order; DuckDB casts each to the type the
     query needs. --format parquet writes to --output; other formats print or write there.
 
@@ -192,7 +206,7 @@ def sql(
     """
     if output_format == "parquet" and output is None:
         raise click.UsageError("--format parquet writes a file: add --output FILE")
-    with closing(_open(store_path)) as store:
+    with closing(_open_readable(store_path)) as store:
         relation = store.sql(query, list(params))
         try:
             reader = relation.to_arrow_reader()

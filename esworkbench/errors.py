@@ -9,6 +9,7 @@ Every error a user can act on has its own class, and all of them share one root:
     ├── UnknownStreamError       a stream that does not exist was asked for
     ├── StoreError               the store directory is missing, foreign or too new
     │   └── CorruptStoreError    a file of the store cannot be read
+    ├── ReadOnlyError            a write to something only for reading (an attached lake)
     └── QueryError               DuckDB refused a query (carries the query text)
 
 Messages say what happened, where, and end with a ``Hint:`` for the fix.
@@ -23,6 +24,7 @@ __all__ = [
     "EsWorkbenchError",
     "InvalidEventError",
     "QueryError",
+    "ReadOnlyError",
     "StoreError",
     "UnknownStreamError",
 ]
@@ -110,6 +112,15 @@ class CorruptStoreError(StoreError):
 
     Examples:
         >>> issubclass(CorruptStoreError, StoreError)
+        True
+    """
+
+
+class ReadOnlyError(EsWorkbenchError):
+    """A write was asked of something that is only read, such as an attached lake.
+
+    Examples:
+        >>> isinstance(ReadOnlyError("read-only"), EsWorkbenchError)
         True
     """
 

@@ -127,6 +127,20 @@ def _database_reader(
     )
 
 
+def _check_writable(store: object) -> None:
+    """Refuses an attached lake (read-only) or anything else that is not a store."""
+    if isinstance(store, Store):
+        return
+    from esworkbench.attach import AttachedLake
+
+    if isinstance(store, AttachedLake):
+        store._refuse("import into")
+    raise EsWorkbenchError(
+        f"import_events writes to a store, not to {type(store).__name__}. Hint: pass "
+        "esw.open_store(path)"
+    )
+
+
 def import_events(
     store: Store,
     source: str | os.PathLike[str],
@@ -170,6 +184,7 @@ def import_events(
         >>> (result.imported, result.quarantined, result.last_position)
         (1, 0, 1)
     """
+    _check_writable(store)
     if format not in ("common", "eventsourcing", "marten"):
         raise EsWorkbenchError(
             f"unknown format {format!r}. Hint: use 'common', 'eventsourcing' or 'marten'"
