@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Final, Literal, NoReturn
-from urllib.parse import unquote
+from typing import Literal, NoReturn
 from zoneinfo import ZoneInfo
 
 import duckdb
@@ -47,6 +45,7 @@ from esworkbench import _checks
 from esworkbench.errors import ReadOnlyError, StoreError
 from esworkbench.events import EVENT_SCHEMA, TIMESTAMP
 from esworkbench.query import _STREAMS_VIEW, Params, Session, translate
+from esworkbench.sources import _lake
 from esworkbench.sources._rows import zone_of
 from esworkbench.sources._stage import check_types
 from esworkbench.sources._tabular import resolve
@@ -54,44 +53,6 @@ from esworkbench.sources._tabular import resolve
 __all__ = ["AttachedLake", "LakeFormat", "attach"]
 
 LakeFormat = Literal["delta", "parquet"]
-_FILES: Final = "_esw_lake_files"
-_REQUIRED: Final = ("recorded_at", "version")  # besides those every import needs
-_OFFSET: Final = "_esw_offset"
-_ROW: Final = "_esw_row"
-_METADATA_KEYS: Final = {
-    "correlation_id": ("correlationId", "correlation_id"),
-    "causation_id": ("causationId", "causation_id"),
-    "user_id": ("userId", "user_id"),
-}
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-@dataclass(frozen=True, slots=True)
-class _Files:
-    """The lake's data files in position order, with the first position of each."""
-
-    paths: list[str]
-    rows: list[int]
-    partitions: dict[str, pa.Array]  # Delta: partition column -> value per file, from the log
-    physical: dict[str, str]  # Delta column mapping: logical name -> name in the files
-    version: int | None  # Delta: the log version read
-
-    def table(self) -> pa.Table:
-        offsets, total = [], 0
-        for count in self.rows:
-            offsets.append(total)
-            total += count
-        columns = {"_esw_file": pa.array(self.paths, pa.string())}
-        columns[_OFFSET] = pa.array(offsets, pa.int64())
-        columns.update({f"_esw_part_{n}": v for n, v in self.partitions.items()})
-        return pa.table(columns)
 
 
 class AttachedLake:
@@ -126,7 +87,7 @@ class AttachedLake:
         self._columns = dict(columns or {})
         self._zone = zone
         self._session = Session()
-        self._files = _Files([], [], {}, {}, None)
+        self._files = _lake.Files([], [], {}, {}, None)
         self._select = ""
         self._mapped_position = False
         self.refresh()
@@ -142,12 +103,12 @@ class AttachedLake:
         A Delta lake does this by itself before each read when its log has moved on; a Parquet
         lake keeps the files it was attached with until this is called.
         """
-        files = _delta_files(self.path) if self.format == "delta" else self._parquet_files()
+        files = _lake.delta_files(self.path) if self.format == "delta" else self._parquet_files()
         connection = self._session.connection
         with self._session._lock:
             connection.register("_esw_listing", files.table())
             try:
-                connection.execute(f"CREATE OR REPLACE TABLE {_FILES} AS FROM _esw_listing")
+                connection.execute(f"CREATE OR REPLACE TABLE {_lake.FILES} AS FROM _esw_listing")
             finally:
                 connection.unregister("_esw_listing")
             self._files = files
@@ -164,7 +125,7 @@ class AttachedLake:
         if upcoming.exists():
             self.refresh()
 
-    def _parquet_files(self) -> _Files:
+    def _parquet_files(self) -> _lake.Files:
         pattern = str(self.path / "**" / "*.parquet") if self.path.is_dir() else str(self.path)
         try:
             rows = self._session.connection.execute(
@@ -177,11 +138,11 @@ class AttachedLake:
                 "Hint: pass a directory of hive-partitioned Parquet, a glob such as "
                 "'lake/**/*.parquet', or a Delta table's directory"
             ) from exc
-        return _Files([r[0] for r in rows], [int(r[1]) for r in rows], {}, {}, None)
+        return _lake.Files([r[0] for r in rows], [int(r[1]) for r in rows], {}, {}, None)
 
     def _scan(self, paths: list[str]) -> str:
         """The lake's rows in its logical column names, with each row's file offset and number."""
-        listing = "[" + ", ".join(_literal(p) for p in paths) + "]"
+        listing = "[" + ", ".join(_lake.literal(p) for p in paths) + "]"
         hive = "false" if self.format == "delta" else "true"
         scan = (
             f"read_parquet({listing}, hive_partitioning = {hive}, hive_types_autocast = false, "
@@ -189,29 +150,29 @@ class AttachedLake:
         )
         if self.format == "delta":
             picked = [
-                f"f.{_q('_esw_part_' + name)} AS {_q(name)}"
+                f"f.{_lake.quote('_esw_part_' + name)} AS {_lake.quote(name)}"
                 if name in self._files.partitions
-                else f"r.{_q(physical)} AS {_q(name)}"
+                else f"r.{_lake.quote(physical)} AS {_lake.quote(name)}"
                 for name, physical in self._files.physical.items()
             ]
             chosen = ", ".join(picked)
         else:
             chosen = "r.* EXCLUDE (_esw_file, file_row_number)"
         return (
-            f"SELECT {chosen}, f.{_OFFSET}, r.file_row_number AS {_ROW} "
-            f"FROM {scan} r JOIN {_FILES} f ON r._esw_file = f._esw_file"
+            f"SELECT {chosen}, f.{_lake.OFFSET}, r.file_row_number AS {_lake.ROW} "
+            f"FROM {scan} r JOIN {_lake.FILES} f ON r._esw_file = f._esw_file"
         )
 
-    def _canonical(self, files: _Files) -> tuple[str, bool]:
+    def _canonical(self, files: _lake.Files) -> tuple[str, bool]:
         """The SELECT list that makes the lake's columns the canonical record, and whether
         position comes from a column."""
         probe = self._session.connection.sql(self._scan(files.paths[:1]) + " LIMIT 0")
         schema = probe.to_arrow_table().schema
-        names = [n for n in schema.names if n not in (_OFFSET, _ROW)]
+        names = [n for n in schema.names if n not in (_lake.OFFSET, _lake.ROW)]
         columns = dict(self._columns)
         position = columns.pop("position", "position" if "position" in names else None)
         mapping = resolve(names, columns, self.path)
-        missing = [f for f in _REQUIRED if f not in mapping]
+        missing = [f for f in _lake.REQUIRED if f not in mapping]
         if position is not None:
             mapping["position"] = position
             missing += [] if position in names else ["position"]
@@ -223,7 +184,7 @@ class AttachedLake:
         types = {field: schema.field(column).type for field, column in mapping.items()}
         check_types({f: t for f, t in types.items() if f != "position"}, self._zone)
         select = ", ".join(
-            _expression(n, mapping, types, self._zone) + f" AS {n}" for n in EVENT_SCHEMA.names
+            _lake.expression(n, mapping, types, self._zone) + f" AS {n}" for n in EVENT_SCHEMA.names
         )
         return select, position is not None
 
@@ -390,143 +351,6 @@ class AttachedLake:
     def close(self) -> None:
         """Closes the DuckDB session."""
         self._session.close()
-
-
-def _expression(
-    name: str,
-    mapping: Mapping[str, str],
-    types: Mapping[str, pa.DataType],
-    zone: ZoneInfo | None,
-) -> str:
-    """The SQL of one canonical column over the lake's (logically named) columns."""
-    column = mapping.get(name)
-    kind = types.get(name)
-    if name == "position":
-        if column is None:
-            return f"({_OFFSET} + {_ROW} + 1)"
-        return _cast(_q(column), kind, "BIGINT")
-    if column is None or kind is None:
-        return _default(name, mapping, types, zone)
-    x = _q(column)
-    if name in ("version", "schema_version"):
-        value = _cast(x, kind, "BIGINT" if name == "version" else "INTEGER")
-        return value if name == "version" else f"coalesce({value}, 1)"
-    if name in ("recorded_at", "occurred_at"):
-        value = _instant(x, kind, zone, name)
-        if name == "occurred_at":
-            recorded = _instant(_q(mapping["recorded_at"]), types["recorded_at"], zone, name)
-            return f"coalesce({value}, {recorded})"
-        return value
-    if name in ("data", "metadata"):
-        return _json_text(x, kind)
-    text = _cast(x, kind, "VARCHAR")
-    if name in _METADATA_KEYS:
-        return f"coalesce({text}, {_from_metadata(name, mapping, types)})"
-    return text
-
-
-def _default(
-    name: str, mapping: Mapping[str, str], types: Mapping[str, pa.DataType], zone: ZoneInfo | None
-) -> str:
-    if name == "occurred_at":
-        return _instant(_q(mapping["recorded_at"]), types["recorded_at"], zone, "recorded_at")
-    if name == "schema_version":
-        return "CAST(1 AS INTEGER)"
-    if name == "metadata":
-        return "'{}'"
-    if name in _METADATA_KEYS:
-        return _from_metadata(name, mapping, types)
-    # event_id: a UUID-shaped digest of the event's place, the same on every read.
-    parts = [_cast(_q(mapping[n]), types[n], "VARCHAR") for n in ("aggregate_type", "aggregate_id")]
-    version = _cast(_q(mapping["version"]), types["version"], "BIGINT")
-    key = f"concat_ws(chr(0), {parts[0]}, {parts[1]}, CAST({version} AS VARCHAR))"
-    return f"CAST(CAST(md5({key}) AS UUID) AS VARCHAR)"
-
-
-def _from_metadata(name: str, mapping: Mapping[str, str], types: Mapping[str, pa.DataType]) -> str:
-    if "metadata" not in mapping:
-        return "CAST(NULL AS VARCHAR)"
-    m = _json_text(_q(mapping["metadata"]), types["metadata"])
-    paths = (_literal("$." + k) for k in _METADATA_KEYS[name])
-    keys = ", ".join(f"json_extract_string({m}, {p})" for p in paths)
-    return f"CASE WHEN json_valid({m}) THEN coalesce({keys}) END"
-
-
-def _cast(x: str, kind: pa.DataType | None, sql_type: str) -> str:
-    """A cast, left out where the column has the type already (so filters reach the files)."""
-    same = {
-        "BIGINT": pa.types.is_int64,
-        "INTEGER": pa.types.is_int32,
-        "VARCHAR": pa.types.is_string,
-    }[sql_type]
-    return x if kind is not None and same(kind) else f"CAST({x} AS {sql_type})"
-
-
-def _instant(x: str, kind: pa.DataType, zone: ZoneInfo | None, name: str) -> str:
-    if pa.types.is_timestamp(kind):
-        if kind.tz is not None:
-            return x if kind == TIMESTAMP else f"CAST({x} AS TIMESTAMPTZ)"
-        assert zone is not None  # check_types refuses naive timestamps without a zone
-        return f"timezone({_literal(zone.key)}, {x})"
-    text = _cast(x, kind, "VARCHAR")
-    if zone is not None:
-        naive = f"timezone({_literal(zone.key)}, CAST({text} AS TIMESTAMP))"
-    else:
-        message = (
-            f"{name} holds an instant without a zone. Hint: attach with tz='Europe/Berlin' "
-            "(or 'UTC') to name the zone of such instants"
-        )
-        naive = f"error({_literal(message)})"
-    aware = f"regexp_matches({text}, '([Zz]|[+-][0-9]{{2}}(:?[0-9]{{2}})?)$')"
-    return (
-        f"CASE WHEN {text} IS NULL THEN NULL WHEN {aware} THEN CAST({text} AS TIMESTAMPTZ) "
-        f"ELSE {naive} END"
-    )
-
-
-def _json_text(x: str, kind: pa.DataType) -> str:
-    if pa.types.is_nested(kind):
-        return f"CAST(to_json({x}) AS VARCHAR)"
-    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
-        return f"decode({x})"
-    return _cast(x, kind, "VARCHAR")
-
-
-def _delta_files(path: Path) -> _Files:
-    from deltalake import DeltaTable
-    from deltalake.exceptions import DeltaError
-
-    try:
-        table = DeltaTable(str(path))
-        actions = pa.table(table.get_add_actions(flatten=True))
-        schema = table.schema()
-        protocol = table.protocol()
-        partitions = list(table.metadata().partition_columns)
-    except (DeltaError, OSError) as exc:
-        raise StoreError(
-            f"the Delta table {path} cannot be read: {exc}. Hint: check that the directory "
-            "holds a complete _delta_log"
-        ) from exc
-    unsupported = set(protocol.reader_features or []) - {"columnMapping", "timestampNtz"}
-    if unsupported:
-        raise StoreError(
-            f"the Delta table {path} uses {', '.join(sorted(unsupported))}, which attach cannot "
-            "read. Hint: rewrite the table without them (for deletion vectors: purge them)"
-        )
-    physical = {
-        field.name: str(field.metadata.get("delta.columnMapping.physicalName", field.name))
-        for field in schema.fields
-    }
-    ordered = actions.sort_by([("modification_time", "ascending"), ("path", "ascending")])
-    paths = [str(path / unquote(p)) for p in ordered["path"].to_pylist()]
-    values = {
-        name: ordered[f"partition.{name}"].combine_chunks()
-        if f"partition.{name}" in ordered.column_names
-        else pa.nulls(ordered.num_rows, pa.string())
-        for name in partitions
-    }
-    rows = [int(n) for n in ordered["num_records"].to_pylist()]
-    return _Files(paths, rows, values, physical, int(table.version()))
 
 
 def attach(
