@@ -15,6 +15,26 @@ Examples:
 
 from __future__ import annotations
 
+from esworkbench.aggregates import (
+    Aggregate,
+    FoldError,
+    aggregate,
+    count,
+    first_at,
+    generic,
+    last,
+    last_at,
+    maximum,
+    minimum,
+    status,
+    total,
+)
+
+# Declared pieces read best as esw.sum, esw.min and esw.max; nothing in this module needs the
+# builtins they shadow.
+from esworkbench.aggregates import maximum as max
+from esworkbench.aggregates import minimum as min
+from esworkbench.aggregates import total as sum
 from esworkbench.attach import AttachedLake, attach
 from esworkbench.errors import (
     ConcurrencyError,
@@ -28,6 +48,7 @@ from esworkbench.errors import (
     UnknownStreamError,
 )
 from esworkbench.events import EVENT_SCHEMA, NewEvent
+from esworkbench.engine import Event
 from esworkbench.sources import (
     ImportResult,
     SourceRewrittenError,
@@ -45,6 +66,8 @@ from esworkbench.store import (
     Store,
     open_store,
 )
+from esworkbench.temporal import as_of, replay
+from esworkbench.upcasting import UpcastError, Upcasters
 
 __version__ = "0.1.0"
 
@@ -53,13 +76,16 @@ __all__ = [
     "EVENT_SCHEMA",
     "NO_STREAM",
     "STREAM_EXISTS",
+    "Aggregate",
     "AppendResult",
     "AttachedLake",
     "ConcurrencyError",
     "CorruptStoreError",
     "DuplicateEventError",
     "EsWorkbenchError",
+    "Event",
     "ExpectedVersion",
+    "FoldError",
     "ImportResult",
     "InvalidEventError",
     "NewEvent",
@@ -69,10 +95,27 @@ __all__ = [
     "Store",
     "StoreError",
     "UnknownStreamError",
+    "UpcastError",
+    "Upcasters",
+    "aggregate",
+    "as_of",
     "attach",
+    "count",
     "export_csv",
     "export_jsonl",
     "export_parquet",
+    "first_at",
+    "generic",
     "import_events",
+    "last",
+    "last_at",
+    "max",
+    "maximum",
+    "min",
+    "minimum",
     "open_store",
+    "replay",
+    "status",
+    "sum",
+    "total",
 ]

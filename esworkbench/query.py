@@ -72,6 +72,7 @@ class Session:
         self.connection = duckdb.connect()
         self.connection.execute("SET TimeZone = 'UTC'")
         self.connection.execute("SET parquet_metadata_cache = true")
+        self.connection.execute("SET enable_progress_bar = false")
         if threads is not None:
             self.connection.execute(f"SET threads = {int(threads)}")
         self._files: tuple[str, ...] | None = None

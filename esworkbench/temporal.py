@@ -1,0 +1,279 @@
+"""State in time: one stream at a version or instant (also bitemporal), every stream at an instant.
+
+``at=T`` means the events with ``recorded_at <= T`` (inclusive): what the store knew at T. The
+bitemporal form ``valid_at=V, known_at=R`` keeps, among the events recorded by R, those that took
+effect by V (``occurred_at <= V``). Either way the chosen events fold in version order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from esworkbench import _foldsql
+from esworkbench.aggregates import Aggregate
+from esworkbench.errors import EsWorkbenchError, UnknownStreamError
+from esworkbench.events import TIMESTAMP
+from esworkbench.engine import (
+    _EXACT,
+    _PLAIN,
+    Folder,
+    Row,
+    Source,
+    decode_events,
+    fold_all,
+    fold_events,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import polars as pl
+
+__all__ = ["as_of", "frame", "instant", "read_events", "replay"]
+
+Output = Literal["pandas", "polars"]
+Engine = Literal["auto", "sql", "python"]
+
+
+def instant(value: object, name: str) -> datetime | None:
+    """An aware instant from a datetime or ISO text with an offset; naive ones are refused.
+
+    Examples:
+        >>> instant("2024-03-01T14:03:00+01:00", "at").isoformat()
+        '2024-03-01T13:03:00+00:00'
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise EsWorkbenchError(
+                f"{name}={value!r} is not an ISO instant. Hint: 2024-03-01T14:03:00Z"
+            ) from None
+    if not isinstance(value, datetime):
+        raise EsWorkbenchError(f"{name} must be a datetime or ISO text, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise EsWorkbenchError(
+            f"{name}={value.isoformat()} is a naive datetime. "
+            "Hint: give it a zone, for example datetime(..., tzinfo=UTC) or '...Z'"
+        )
+    return value.astimezone(UTC)
+
+
+def _version(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise EsWorkbenchError(f"version={value!r} must be a non-negative integer")
+    return value
+
+
+def read_events(
+    source: Source,
+    aggregate: Aggregate,
+    aggregate_id: str,
+    *,
+    version: int | None = None,
+    at: object = None,
+    valid_at: object = None,
+    known_at: object = None,
+) -> pa.Table:
+    """The rows of one stream that a replay with these bounds folds, in version order.
+
+    Raises:
+        UnknownStreamError: when the stream has no events at all.
+        EsWorkbenchError: when the stream belongs to another aggregate type, or bounds are bad.
+
+    Examples:
+        >>> import tempfile, esworkbench as esw
+        >>> store = esw.open_store(tempfile.mkdtemp())
+        >>> _ = store.append("acc-1", [esw.NewEvent("AccountOpened", {})],
+        ...                  aggregate_type="Account", expected_version=0)
+        >>> read_events(store, esw.generic("Account"), "acc-1", version=0).num_rows
+        0
+    """
+    if not isinstance(aggregate_id, str) or not aggregate_id:
+        raise EsWorkbenchError(f"aggregate_id must be a non-empty string, got {aggregate_id!r}")
+    to_version = _version(version)
+    recorded = instant(at, "at")
+    known = instant(known_at, "known_at")
+    valid = instant(valid_at, "valid_at")
+    if recorded is not None and known is not None and recorded != known:
+        raise EsWorkbenchError("at and known_at name the same bound; pass only one of them")
+    everything = source.read_stream(aggregate_id)
+    if everything.num_rows == 0:
+        raise UnknownStreamError(
+            f"stream {aggregate_id!r} has no events. Hint: check the id; "
+            "store.sql('select aggregate_id from streams') lists the streams"
+        )
+    stored_type = everything["aggregate_type"][0].as_py()
+    if stored_type != aggregate.name:
+        raise EsWorkbenchError(
+            f"stream {aggregate_id!r} is a {stored_type!r}, but the fold is for "
+            f"{aggregate.name!r}. Hint: replay it with a fold named {stored_type!r}"
+        )
+    keep = pc.greater_equal(everything["version"], 1)
+    if to_version is not None:
+        keep = pc.and_(keep, pc.less_equal(everything["version"], to_version))
+    if (bound := recorded or known) is not None:
+        keep = pc.and_(keep, pc.less_equal(everything["recorded_at"], pa.scalar(bound, TIMESTAMP)))
+    if valid is not None:
+        keep = pc.and_(keep, pc.less_equal(everything["occurred_at"], pa.scalar(valid, TIMESTAMP)))
+    return everything.filter(keep)
+
+
+def replay(
+    source: Source,
+    aggregate: Aggregate,
+    aggregate_id: str,
+    *,
+    version: int | None = None,
+    at: object = None,
+    valid_at: object = None,
+    known_at: object = None,
+) -> Any:
+    """The state of one stream: at its end, at ``version``, at instant ``at``, or bitemporal.
+
+    Args:
+        source: a store (or an attached lake).
+        aggregate: the fold.
+        aggregate_id: the stream.
+        version: fold the events up to this version (inclusive).
+        at: fold the events recorded by this instant (``recorded_at <= at``).
+        valid_at: with ``known_at``: fold the events that took effect by this instant.
+        known_at: the recorded-time bound of a bitemporal question (the same as ``at``).
+
+    Raises:
+        UnknownStreamError: when the stream has no events.
+        FoldError: when a handler raises (names the stream and version).
+
+    Examples:
+        >>> import tempfile, esworkbench as esw
+        >>> store = esw.open_store(tempfile.mkdtemp())
+        >>> _ = store.append("acc-1", [esw.NewEvent("AccountOpened", {"owner": "Ann"}),
+        ...                            esw.NewEvent("MoneyDeposited", {"amount": 5})],
+        ...                  aggregate_type="Account", expected_version=0)
+        >>> account = esw.Aggregate("Account", initial={"balance": 0}, on={
+        ...     "MoneyDeposited": lambda s, e: {**s, "balance": s["balance"] + e.data["amount"]}})
+        >>> esw.replay(store, account, "acc-1"), esw.replay(store, account, "acc-1", version=1)
+        ({'balance': 5}, {'balance': 0})
+    """
+    table = read_events(
+        source,
+        aggregate,
+        aggregate_id,
+        version=version,
+        at=at,
+        valid_at=valid_at,
+        known_at=known_at,
+    )
+    folder = Folder(aggregate)
+    return fold_events(folder, decode_events(table, aggregate)).state
+
+
+def as_of(
+    source: Source,
+    aggregate: Aggregate,
+    *,
+    at: object = None,
+    output: Output = "pandas",
+    engine: Engine = "auto",
+    workers: int | None = None,
+    progress: bool | None = None,
+) -> pd.DataFrame | pl.DataFrame:
+    """Every stream of the aggregate's type as of instant ``at`` (default: now), one row each.
+
+    Columns: ``aggregate_id``, ``version``, ``last_event_at`` (recorded_at of the last event
+    folded), then the state: a dict state spreads into one column per key, any other state sits
+    in one ``state`` column. Streams with no event recorded by ``at`` are left out. A fully
+    declared fold runs as one SQL query (``engine="auto"`` or ``"sql"``); otherwise the Python
+    engine folds sorted Arrow batches in worker processes.
+
+    Examples:
+        >>> import tempfile, esworkbench as esw
+        >>> store = esw.open_store(tempfile.mkdtemp())
+        >>> _ = store.append("acc-1", [esw.NewEvent("MoneyDeposited", {"amount": 5})] * 2,
+        ...                  aggregate_type="Account", expected_version=0)
+        >>> account = esw.Aggregate("Account", fields={"total": esw.sum("amount")})
+        >>> esw.as_of(store, account)[["aggregate_id", "version", "total"]].to_dict("records")
+        [{'aggregate_id': 'acc-1', 'version': 2, 'total': 10}]
+    """
+    bound = instant(at, "at")
+    where, params = ("recorded_at <= ?", [bound]) if bound is not None else ("true", [])
+    if engine not in ("auto", "sql", "python"):
+        raise EsWorkbenchError(f"engine={engine!r} is not one of 'auto', 'sql', 'python'")
+    if engine == "sql" and not compiles(aggregate):
+        raise EsWorkbenchError(
+            f"aggregate {aggregate.name!r} is not fully declared, so SQL cannot answer it. "
+            "Hint: use engine='python', or declare every field with esw.last, esw.sum, ..."
+        )
+    if engine != "python" and compiles(aggregate):
+        query, args = _foldsql.compile_as_of(aggregate, where, params)
+        table = source.sql(query, args).to_arrow_table()
+        rows = _sql_rows(aggregate, table)
+    else:
+        rows = fold_all(source, aggregate, where, params, workers=workers, progress=progress)
+    return frame(rows, output)
+
+
+def compiles(aggregate: Aggregate) -> bool:
+    """Whether the SQL engine can answer this fold (declared, and upcasters in SQL if any)."""
+    upcasters = aggregate.upcasters
+    return aggregate.declared and (upcasters is None or not upcasters)
+
+
+def _sql_rows(aggregate: Aggregate, table: pa.Table) -> list[Row]:
+    decode = (_EXACT if aggregate.decimals else _PLAIN).decode
+    instants = pc.cast(table.column("last_event_at"), pa.int64()).to_pylist()
+    return [
+        (row[0], row[1], instants[i], _foldsql.present_sql(aggregate, row, decode))
+        for i, row in enumerate(zip(*(c.to_pylist() for c in table.columns), strict=True))
+    ]
+
+
+def frame(rows: Sequence[Row], output: Output = "pandas") -> pd.DataFrame | pl.DataFrame:
+    """One row per stream: aggregate_id, version, last_event_at and the state's fields.
+
+    Examples:
+        >>> frame([("acc-1", 2, 0, {"balance": 5})]).columns.tolist()
+        ['aggregate_id', 'version', 'last_event_at', 'balance']
+    """
+    if output not in ("pandas", "polars"):
+        raise EsWorkbenchError(f"output={output!r} is not one of 'pandas', 'polars'")
+    states = [row[3] for row in rows]
+    columns: dict[str, list[Any]] = {
+        "aggregate_id": [row[0] for row in rows],
+        "version": [row[1] for row in rows],
+    }
+    instants = pa.array([row[2] for row in rows], pa.int64()).cast(TIMESTAMP)
+    if states and all(isinstance(s, dict) for s in states):
+        names: dict[str, None] = {}
+        for state in states:
+            names.update(dict.fromkeys(state))
+        clash = [n for n in names if n in ("aggregate_id", "version", "last_event_at")]
+        if clash:
+            raise EsWorkbenchError(
+                f"state field {clash[0]!r} clashes with a column of the result. "
+                "Hint: rename the field in the fold"
+            )
+        fields = {n: [s.get(n) for s in states] for n in names}
+    else:
+        fields = {"state": states}
+    if output == "polars":
+        import polars as pl
+
+        data = {**columns, "last_event_at": pl.from_arrow(instants), **fields}
+        return pl.DataFrame(data, strict=False)
+    import pandas as pd
+
+    result = pd.DataFrame(columns)
+    result["version"] = result["version"].astype("int64")
+    result["last_event_at"] = instants.to_pandas()
+    for name, values in fields.items():
+        result[name] = pd.Series(values, dtype=object if not values else None)
+    return result
