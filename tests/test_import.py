@@ -127,6 +127,85 @@ def test_a_gap_in_the_source_fails_the_whole_import(store: esw.Store, tmp_path: 
     assert count(store) == 0
 
 
+def quarantined_lines(result: esw.ImportResult) -> list[dict[str, object]]:
+    assert result.quarantine_path is not None
+    lines = Path(result.quarantine_path).read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_a_gap_fails_naming_its_source_position(store: esw.Store, tmp_path: Path) -> None:
+    source = tmp_path / "events.jsonl"
+    write_lines(source, [event("b", 1), event("a", 1), event("a", 3), event("a", 4)])
+    with pytest.raises(esw.ConcurrencyError, match=r"position 3: .*'version' is 3.*gap") as caught:
+        esw.import_events(store, source)
+    assert (caught.value.aggregate_id, caught.value.actual) == ("a", 1)
+    assert "Nothing of this import was committed" in str(caught.value)
+    assert count(store) == 0
+
+
+def test_quarantine_takes_version_conflicts_row_by_row(store: esw.Store, tmp_path: Path) -> None:
+    first = tmp_path / "first.jsonl"
+    write_lines(first, [event("c", 1), event("c", 2), event("f", 1)])
+    rows = [
+        event("a", 1),
+        event("a", 3),  # a gap
+        event("b", 1),
+        event("a", 4),  # follows the gap
+        event("b", 2),
+        {**event("b", 1), "eventId": str(uuid.uuid4())},  # a duplicate (aggregate_id, version)
+        event("d", 1),
+        event("c", 1, eventId=str(uuid.uuid4())),  # a duplicate of a stored version
+        event("d", 2),
+        event("c", 3),  # follows the duplicate
+        {**event("d", 3), "aggregateType": "Order"},  # another aggregate_type
+        event("e", 1),
+        event("f", 3),  # does not continue the store's head (1)
+    ]
+    source = tmp_path / "events.jsonl"
+    write_lines(source, rows)
+    for batch_size in (100, 1):  # one batch, or each row in a batch of its own
+        target = esw.open_store(tmp_path / f"store-{batch_size}")
+        esw.import_events(target, first)
+        result = esw.import_events(target, source, on_error="quarantine", batch_size=batch_size)
+        assert (result.imported, result.quarantined) == (6, 7)
+        assert result.imported + result.quarantined == len(rows)
+        assert result.last_position == len(rows)
+        lines = quarantined_lines(result)
+        reasons = {line["source_position"]: line["reason"] for line in lines}
+        assert sorted(reasons) == [2, 4, 6, 8, 10, 11, 13]
+        assert "is 3, but stream 'a' continues at version 2 (a gap)" in reasons[2]
+        assert "stream 'a' was broken at source position 2" in reasons[4]
+        assert "which stream 'b' already has (a duplicate)" in reasons[6]
+        assert (
+            "is 1, which stream 'c' already has (a duplicate); its next version is 3"
+            in (reasons[8])
+        )
+        assert "stream 'c' was broken at source position 8" in reasons[10]
+        assert "is 'Order', but stream 'd' is of aggregate_type 'Account'" in reasons[11]
+        assert "is 3, but stream 'f' continues at version 2 (a gap)" in reasons[13]
+        versions = target.sql("select aggregate_id, max(version) from events group by 1 order by 1")
+        expected = [("a", 1), ("b", 2), ("c", 2), ("d", 2), ("e", 1), ("f", 1)]
+        assert versions.fetchall() == expected
+        assert target.sql("select count(*) from events").fetchall() == [(9,)]
+
+
+def test_a_refused_row_breaks_its_stream_for_later_batches(
+    store: esw.Store, tmp_path: Path
+) -> None:
+    source = tmp_path / "events.jsonl"
+    rows = [event("a", 1), {**event("a", 2), "data": [1]}, event("b", 1), event("a", 3)]
+    write_lines(source, rows)
+    result = esw.import_events(store, source, on_error="quarantine", batch_size=2)
+    assert (result.imported, result.quarantined) == (2, 2)
+    lines = quarantined_lines(result)
+    assert [line["source_position"] for line in lines] == [2, 4]
+    assert "data" in str(lines[0]["reason"])
+    assert "stream 'a' was broken at source position 2" in str(lines[1]["reason"])
+    assert store.stream_version("a") == 1
+    again = esw.import_events(store, source, on_error="quarantine")  # past the checkpoint
+    assert (again.imported, again.quarantined) == (0, 0)
+
+
 def test_unknown_format_and_missing_file_are_clear(store: esw.Store, tmp_path: Path) -> None:
     with pytest.raises(esw.EsWorkbenchError, match="unknown format"):
         esw.import_events(store, tmp_path / "x.jsonl", format="kafka")  # type: ignore[arg-type]

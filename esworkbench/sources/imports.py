@@ -19,13 +19,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake.transaction import AddAction
 from tqdm.auto import tqdm
 
 from esworkbench import _checks, _writes
-from esworkbench.errors import EsWorkbenchError, InvalidEventError
+from esworkbench.errors import ConcurrencyError, EsWorkbenchError, InvalidEventError
+from esworkbench.events import EVENT_SCHEMA
+from esworkbench.sources import _streams
 from esworkbench.store import Store
 
 __all__ = ["ImportResult", "OnError", "Reader", "SourceRewrittenError", "run_import"]
@@ -160,6 +163,7 @@ def run_import(
         after = store.app_version(app_id) or 0
         _check_not_rewritten(store, reader, app_id)
         staged: list[AddAction] = []
+        continuity = _streams.Continuity(store._session)
         progress: Any = None
         imported, last = 0, after
         last_event_id: str | None = None
@@ -179,10 +183,14 @@ def run_import(
                 good, refused, reasons = _checked(store, good, tz)
                 reasons = bad["error"].to_pylist() + reasons
                 bad = pa.concat_tables([bad, refused])
-                if bad.num_rows and on_error == "fail":
-                    raise _first_error(reader.key, bad, reasons)
-                if bad.num_rows:
-                    quarantined.write(bad, reasons)
+                verdict = continuity.judge(good, bad)
+                good = verdict.good
+                if on_error == "fail" and (bad.num_rows or verdict.refused.num_rows):
+                    raise _first_error(reader.key, bad, reasons, verdict)
+                if bad.num_rows or verdict.refused.num_rows:
+                    quarantined.write(
+                        pa.concat_tables([bad, verdict.refused]), reasons + verdict.reasons
+                    )
                 if good.num_rows == 0:
                     continue
                 events, _ = _checks.canonical_batch(
@@ -193,7 +201,7 @@ def run_import(
                 )
                 paths = [str(store.table_path / a.path) for a in staged]
                 _writes.find_stored(store._session, events, paths)
-                placed = _writes.place(store._session, events, head, paths)
+                placed = _placed(events, head)
                 staged += store._stage(placed)
                 head += placed.num_rows
                 imported += placed.num_rows
@@ -205,6 +213,7 @@ def run_import(
                     (store.table_path / action.path).unlink()
             raise
         finally:
+            continuity.close()
             if progress is not None:
                 progress.close()
             quarantined.close()
@@ -219,14 +228,36 @@ def run_import(
     )
 
 
-def _first_error(key: str, bad: pa.Table, reasons: list[str]) -> InvalidEventError:
-    positions = bad["source_position"].to_pylist()
+def _placed(events: pa.Table, head_position: int) -> pa.Table:
+    """Gives a batch whose versions continue their streams the next positions, in its order."""
+    first = head_position + 1
+    positions = pa.array(np.arange(first, first + events.num_rows, dtype=np.int64))
+    return events.append_column("position", positions).select(EVENT_SCHEMA.names).cast(EVENT_SCHEMA)
+
+
+def _first_error(
+    key: str, bad: pa.Table, reasons: list[str], verdict: _streams.Verdict
+) -> InvalidEventError | ConcurrencyError:
+    """The error of a failing import: the refused row with the lowest source position."""
+    positions = bad["source_position"].to_pylist() + verdict.refused["source_position"].to_pylist()
+    reasons = reasons + verdict.reasons
+    heads: list[int | None] = [None] * bad.num_rows
+    heads += verdict.heads
     at = min(range(len(positions)), key=positions.__getitem__)
-    return InvalidEventError(
+    message = (
         f"source {key}, position {positions[at]}: {reasons[at]}. Nothing of this import was "
-        "committed. Hint: fix the row in the source, or import with on_error='quarantine'",
-        index=positions[at],
+        "committed. Hint: fix the row in the source, or import with on_error='quarantine'"
     )
+    head = heads[at]
+    if head is not None:
+        row = verdict.refused.slice(at - bad.num_rows, 1).to_pylist()[0]
+        return ConcurrencyError(
+            message,
+            aggregate_id=str(row["aggregate_id"]),
+            expected=int(row["version"]) - 1,
+            actual=head,
+        )
+    return InvalidEventError(message, index=positions[at])
 
 
 def _safe(key: str) -> str:
