@@ -123,8 +123,9 @@ class Event(msgspec.Struct, gc=False):
 
     @property
     def metadata(self) -> Any:
-        """The event's metadata, decoded like its data."""
-        return self._rows.decoder.decode(self._get("metadata"))
+        """The event's metadata, decoded like its data (``{}`` when the event has none)."""
+        text = self._get("metadata")
+        return {} if text is None else self._rows.decoder.decode(text)
 
     @property
     def position(self) -> int:

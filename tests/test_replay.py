@@ -1,0 +1,288 @@
+"""Replay: folds, one stream at a version or instant (also bitemporal), every stream as of T."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, ClassVar
+
+import polars as pl
+import pytest
+
+import esworkbench as esw
+from esworkbench.aggregates import Aggregate
+
+T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def ev(event_type: str, data: dict[str, Any], at: datetime, **extra: Any) -> dict[str, Any]:
+    return {"event_type": event_type, "data": data, "timestamp": at, **extra}
+
+
+def deposit(state: dict[str, Any], event: esw.Event) -> dict[str, Any]:
+    return {**state, "balance": state["balance"] + event.data["amount"]}
+
+
+ACCOUNT = esw.Aggregate(
+    "Account",
+    initial={"balance": 0, "owner": None, "status": "new"},
+    on={
+        "AccountOpened": lambda s, e: {**s, "owner": e.data["owner"], "status": "open"},
+        "MoneyDeposited": deposit,
+        "MoneyWithdrawn": lambda s, e: {**s, "balance": s["balance"] - e.data["amount"]},
+        "AccountClosed": lambda s, e: {**s, "status": "closed"},
+    },
+    decimals=True,
+)
+
+
+@pytest.fixture
+def bank(tmp_path: Path) -> esw.Store:
+    store = esw.open_store(tmp_path / "bank")
+    store.append(
+        "acc-1",
+        [
+            ev("AccountOpened", {"owner": "Ann"}, T0),
+            ev("MoneyDeposited", {"amount": Decimal("100.10")}, T0 + timedelta(minutes=1)),
+            ev("MoneyWithdrawn", {"amount": Decimal("0.20")}, T0 + timedelta(minutes=2)),
+            ev("MoneyDeposited", {"amount": Decimal("5.05")}, T0 + timedelta(minutes=3)),
+        ],
+        aggregate_type="Account",
+        expected_version=0,
+    )
+    store.append(
+        "acc-2",
+        [
+            ev("AccountOpened", {"owner": "Bo"}, T0 + timedelta(seconds=30)),
+            ev("AccountClosed", {}, T0 + timedelta(minutes=5)),
+        ],
+        aggregate_type="Account",
+        expected_version=0,
+    )
+    store.append(
+        "ord-1",
+        [ev("OrderPlaced", {"amount": 3}, T0)],
+        aggregate_type="Order",
+        expected_version=0,
+    )
+    return store
+
+
+# -- one stream --------------------------------------------------------------------------------
+
+
+def test_replay_at_the_end_at_a_version_and_at_an_instant(bank: esw.Store) -> None:
+    end = esw.replay(bank, ACCOUNT, "acc-1")
+    assert end == {"balance": Decimal("104.95"), "owner": "Ann", "status": "open"}
+    assert str(end["balance"]) == "104.95"  # exact, no float rounding anywhere
+    assert esw.replay(bank, ACCOUNT, "acc-1", version=2)["balance"] == Decimal("100.10")
+    assert esw.replay(bank, ACCOUNT, "acc-1", version=0) == ACCOUNT.start()
+    # Exactly at an event's instant includes it; 1 µs before does not.
+    at_third = T0 + timedelta(minutes=2)
+    assert esw.replay(bank, ACCOUNT, "acc-1", at=at_third)["balance"] == Decimal("99.90")
+    before = at_third - timedelta(microseconds=1)
+    assert esw.replay(bank, ACCOUNT, "acc-1", at=before)["balance"] == Decimal("100.10")
+    assert esw.replay(bank, ACCOUNT, "acc-1", at="2024-03-01T12:02:00Z")["balance"] == Decimal(
+        "99.90"
+    )
+
+
+def test_bitemporal_replay_keeps_late_events_out_of_the_past(tmp_path: Path) -> None:
+    store = esw.open_store(tmp_path / "s")
+    store.append(
+        "acc-1",
+        [
+            ev("AccountOpened", {"owner": "Ann"}, T0),
+            ev("MoneyDeposited", {"amount": 10}, T0 + timedelta(hours=2)),
+            # Recorded at 3h, but it took effect at 1h: a back-dated correction.
+            ev(
+                "MoneyDeposited",
+                {"amount": 1},
+                T0 + timedelta(hours=3),
+                occurred_at=T0 + timedelta(hours=1),
+            ),
+        ],
+        aggregate_type="Account",
+        expected_version=0,
+    )
+    account = esw.Aggregate(ACCOUNT.name, initial=ACCOUNT.initial, on=ACCOUNT.on)
+    v, r = T0 + timedelta(hours=1, minutes=30), T0 + timedelta(hours=2, minutes=30)
+    assert esw.replay(store, account, "acc-1", valid_at=v, known_at=r)["balance"] == 0
+    assert (
+        esw.replay(store, account, "acc-1", valid_at=v, known_at=T0 + timedelta(hours=4))["balance"]
+        == 1
+    )
+    assert esw.replay(store, account, "acc-1", at=T0 + timedelta(hours=4))["balance"] == 11
+
+
+def test_bad_questions_get_clear_errors(bank: esw.Store) -> None:
+    with pytest.raises(esw.UnknownStreamError, match="acc-9"):
+        esw.replay(bank, ACCOUNT, "acc-9")
+    with pytest.raises(esw.EsWorkbenchError, match=r"is a 'Order'.*'Account'"):
+        esw.replay(bank, ACCOUNT, "ord-1")
+    with pytest.raises(esw.EsWorkbenchError, match="naive"):
+        esw.replay(bank, ACCOUNT, "acc-1", at=datetime(2024, 3, 1))
+    with pytest.raises(esw.EsWorkbenchError, match="version"):
+        esw.replay(bank, ACCOUNT, "acc-1", version=-1)
+    with pytest.raises(esw.EsWorkbenchError, match="not an ISO instant"):
+        esw.replay(bank, ACCOUNT, "acc-1", at="yesterday")
+
+
+def test_a_failing_handler_names_the_stream_and_version(bank: esw.Store) -> None:
+    broken = esw.Aggregate("Account", initial={}, on={"MoneyWithdrawn": lambda s, e: s["missing"]})
+    with pytest.raises(esw.FoldError, match=r"'acc-1' version 3") as caught:
+        esw.replay(bank, broken, "acc-1")
+    assert (caught.value.aggregate_id, caught.value.version) == ("acc-1", 3)
+    assert isinstance(caught.value.__cause__, KeyError)
+
+
+def test_unknown_event_types_are_ignored_or_refused(bank: esw.Store) -> None:
+    only_opened = {"AccountOpened": lambda s, e: {**s, "owner": e.data["owner"]}}
+    lenient = esw.Aggregate("Account", initial={}, on=only_opened)
+    assert esw.replay(bank, lenient, "acc-1") == {"owner": "Ann"}
+    strict = esw.Aggregate("Account", initial={}, on=only_opened, unknown="error")
+    with pytest.raises(esw.FoldError, match="no handler for event type 'MoneyDeposited'"):
+        esw.replay(bank, strict, "acc-1")
+
+
+def test_the_event_a_fold_sees(bank: esw.Store) -> None:
+    seen: list[esw.Event] = []
+
+    def keep(state: Any, event: esw.Event) -> Any:
+        seen.append(event)
+        return state
+
+    esw.replay(bank, esw.Aggregate("Account", on={"MoneyWithdrawn": keep}), "acc-1")
+    [event] = seen
+    stored = bank.read_stream("acc-1").to_pylist()[2]
+    assert event.event_type == "MoneyWithdrawn"
+    assert event.version == 3
+    assert event.data == {"amount": 0.2}  # without decimals=True numbers are floats
+    assert event.event_id == stored["event_id"]
+    assert event.position == stored["position"]
+    assert event.recorded_at == T0 + timedelta(minutes=2) == event.occurred_at
+    assert event.aggregate_id == "acc-1"
+    assert event.aggregate_type == "Account"
+    assert event.metadata == {}
+    assert event.schema_version == 1
+    assert (event.user_id, event.correlation_id, event.causation_id) == (None, None, None)
+
+
+def test_class_form_and_generic_fold(bank: esw.Store) -> None:
+    @esw.aggregate
+    class Account:
+        initial: ClassVar = {"balance": 0}
+        decimals = True
+
+        def MoneyDeposited(self, state: Any, event: esw.Event) -> Any:  # noqa: N802
+            return {**state, "balance": state["balance"] + event.data["amount"]}
+
+        def on_MoneyWithdrawn(self, state: Any, event: esw.Event) -> Any:  # noqa: N802
+            return {**state, "balance": state["balance"] - event.data["amount"]}
+
+    assert isinstance(Account, Aggregate)
+    assert esw.replay(bank, Account, "acc-1") == {"balance": Decimal("104.95")}
+    merged = esw.replay(bank, esw.generic("Account", decimals=True), "acc-1")
+    assert merged == {"owner": "Ann", "amount": Decimal("5.05")}
+
+
+# -- every stream ------------------------------------------------------------------------------
+
+
+DECLARED = esw.Aggregate(
+    "Account",
+    initial={"kind": "bank"},
+    fields={
+        "owner": esw.last("owner"),
+        "deposits": esw.count(types="MoneyDeposited"),
+        "deposited": esw.sum("amount", types="MoneyDeposited"),
+        "largest": esw.max("amount"),
+        "smallest": esw.min("amount"),
+        "status": esw.status({"AccountOpened": "open", "AccountClosed": "closed"}),
+        "opened_at": esw.first_at(),
+        "changed_at": esw.last_at(),
+    },
+    decimals=True,
+)
+
+
+def test_as_of_every_stream_with_a_declared_fold(bank: esw.Store) -> None:
+    frame = esw.as_of(bank, DECLARED, at=T0 + timedelta(minutes=2))
+    assert frame.columns.tolist()[:3] == ["aggregate_id", "version", "last_event_at"]
+    rows = frame.set_index("aggregate_id").to_dict("index")
+    assert rows["acc-1"]["version"] == 3
+    assert rows["acc-1"]["deposited"] == Decimal("100.10")
+    assert rows["acc-1"]["largest"] == Decimal("100.10")
+    assert rows["acc-1"]["smallest"] == Decimal("0.20")
+    assert rows["acc-1"]["deposits"] == 1
+    assert rows["acc-1"]["status"] == "open"
+    assert rows["acc-1"]["kind"] == "bank"
+    assert rows["acc-2"]["status"] == "open"  # closed only at 12:05
+    assert rows["acc-2"]["deposited"] == 0
+    assert rows["acc-2"]["largest"] is None
+    assert rows["acc-1"]["opened_at"] == T0
+    # A stream whose first event comes after T is not in the frame.
+    assert len(esw.as_of(bank, DECLARED, at=T0 + timedelta(seconds=10))) == 1
+
+
+@pytest.mark.parametrize("at", [None, T0 + timedelta(minutes=2), T0 - timedelta(days=1)])
+def test_sql_and_python_engines_agree(bank: esw.Store, at: datetime | None) -> None:
+    by_sql = esw.as_of(bank, DECLARED, at=at, engine="sql")
+    by_python = esw.as_of(bank, DECLARED, at=at, engine="python", workers=1)
+    assert by_sql.equals(by_python)
+    assert by_sql.dtypes.tolist() == by_python.dtypes.tolist()
+
+
+def test_as_of_the_last_instant_equals_replay_of_each_stream(bank: esw.Store) -> None:
+    frame = esw.as_of(bank, ACCOUNT, workers=1)
+    for row in frame.to_dict("records"):
+        state = esw.replay(bank, ACCOUNT, row["aggregate_id"])
+        assert {k: row[k] for k in state} == state
+        assert row["version"] == bank.stream_version(row["aggregate_id"])
+
+
+def test_folds_from_a_notebook_cell_run_in_worker_processes(bank: esw.Store) -> None:
+    bonus = Decimal("1.00")  # a closure: the fold travels to the workers with cloudpickle
+
+    def with_bonus(state: Any, event: esw.Event) -> Any:
+        return {**state, "balance": state["balance"] + event.data["amount"] + bonus}
+
+    account = esw.Aggregate(
+        "Account", initial={"balance": 0}, on={"MoneyDeposited": with_bonus}, decimals=True
+    )
+    parallel = esw.as_of(bank, account, workers=2, progress=False)
+    assert parallel.equals(esw.as_of(bank, account, workers=1))
+    assert parallel.set_index("aggregate_id").loc["acc-1", "balance"] == Decimal("107.15")
+
+
+def test_a_non_dict_state_sits_in_one_column_and_polars_on_request(bank: esw.Store) -> None:
+    counter = esw.Aggregate("Account", initial=0, on={"MoneyDeposited": lambda s, e: s + 1})
+    frame = esw.as_of(bank, counter)
+    assert frame[["aggregate_id", "state"]].values.tolist() == [["acc-1", 2], ["acc-2", 0]]
+    polars = esw.as_of(bank, DECLARED, output="polars")
+    assert isinstance(polars, pl.DataFrame)
+    assert polars["aggregate_id"].to_list() == ["acc-1", "acc-2"]
+
+
+def test_engine_sql_refuses_a_fold_with_handlers(bank: esw.Store) -> None:
+    with pytest.raises(esw.EsWorkbenchError, match="not fully declared"):
+        esw.as_of(bank, ACCOUNT, engine="sql")
+
+
+def test_results_do_not_depend_on_file_layout_or_compaction(tmp_path: Path) -> None:
+    one = esw.open_store(tmp_path / "one")
+    many = esw.open_store(tmp_path / "many")
+    events = [
+        ev("MoneyDeposited", {"amount": Decimal(i) / 4}, T0 + timedelta(seconds=i))
+        for i in range(1, 40)
+    ]
+    one.append("acc-1", events, aggregate_type="Account", expected_version=0)
+    for i, event in enumerate(events):
+        many.append("acc-1", [event], aggregate_type="Account", expected_version=i)
+    before = esw.as_of(many, DECLARED, engine="python")
+    assert before.drop(columns="last_event_at").equals(
+        esw.as_of(one, DECLARED, engine="python").drop(columns="last_event_at")
+    )
+    many.compact()
+    assert esw.as_of(many, DECLARED).equals(before)
