@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Final
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -62,12 +63,24 @@ _REPEATED_ID: Final = (
     "SELECT event_id FROM _esw_batch GROUP BY event_id HAVING count(*) > 1 LIMIT 1"
 )
 
-_PROMOTED: Final = """
-SELECT coalesce(correlation_id, metadata->>'correlationId', metadata->>'correlation_id'),
-       coalesce(causation_id, metadata->>'causationId', metadata->>'causation_id'),
-       coalesce(user_id, metadata->>'userId', metadata->>'user_id')
-FROM _esw_batch ORDER BY _row
+# Promotion of one column from metadata, for the rows that lack it. A row whose metadata holds
+# neither the key's name nor a backslash-u escape (which could spell it) has no such key, so it
+# is not parsed.
+_PROMOTE: Final = """
+CASE WHEN {column} IS NOT NULL THEN {column}
+     WHEN contains(metadata, '{stem}') OR contains(metadata, '\\u')
+       THEN coalesce(metadata->>'{camel}', metadata->>'{column}')
+END
 """
+_PROMOTED: Final = (
+    ("correlation_id", "correlationId", "correlation"),
+    ("causation_id", "causationId", "causation"),
+    ("user_id", "userId", "user"),
+)
+_VALID_JSON: Final = (
+    "SELECT count(*) FROM _esw_batch WHERE NOT json_valid(data) "
+    "OR (metadata IS NOT NULL AND NOT json_valid(metadata))"
+)
 
 
 def check_bound(value: object, name: str) -> None:
@@ -174,12 +187,15 @@ def canonical_batch(
     ids = table["event_id"]
     supplied = ids.null_count < table.num_rows
     canonical_ids = pc.all(pc.match_substring_regex(ids, _CANONICAL_UUID)).as_py() is not False
-    query = _FIRST_BAD_ROW.format(uuid_rule="" if canonical_ids else _UUID_RULE)
     with session._lock:
         connection = session.connection
-        connection.register(BATCH, table)
-        try:
-            bad = [] if checked else connection.execute(query + " LIMIT 1").fetchall()
+        if not checked and not _surely_good(connection, table, canonical_ids=canonical_ids):
+            query = _FIRST_BAD_ROW.format(uuid_rule="" if canonical_ids else _UUID_RULE)
+            connection.register(BATCH, table)
+            try:
+                bad = connection.execute(query + " LIMIT 1").fetchall()
+            finally:
+                connection.unregister(BATCH)
             if bad:
                 row, field, reason = bad[0]
                 raise InvalidEventError(
@@ -187,12 +203,61 @@ def canonical_batch(
                     index=row,
                     field=field,
                 )
-            promoted = connection.sql(_PROMOTED).to_arrow_table()
-        finally:
-            connection.unregister(BATCH)
+        promoted = _promoted(connection, table)
     out = _fill_defaults(table, promoted, canonical_ids)
     _refuse_repeats(session, out)
     return out, supplied
+
+
+def _surely_good(
+    connection: duckdb.DuckDBPyConnection, table: pa.Table, *, canonical_ids: bool
+) -> bool:
+    """Whether cheap column checks prove every row good; False means: ask the exact query.
+
+    Valid JSON whose text starts with ``{`` is an object, so one validity pass suffices.
+    """
+    if not canonical_ids:
+        return False
+    for name in ("event_type", "aggregate_type", "aggregate_id"):
+        column = table[name]
+        if column.null_count or pc.any(pc.equal(column, "")).as_py():
+            return False
+    data, metadata = table["data"], table["metadata"]
+    if data.null_count or not pc.all(pc.starts_with(data, "{")).as_py():
+        return False
+    if pc.any(pc.invert(pc.starts_with(metadata, "{"))).as_py():
+        return False
+    for name in ("version", "schema_version"):
+        if pc.any(pc.less(table[name], 1)).as_py():
+            return False
+    connection.register(BATCH, table.select(["data", "metadata"]))
+    try:
+        invalid = connection.execute(_VALID_JSON).fetchall()[0][0]
+    finally:
+        connection.unregister(BATCH)
+    return bool(invalid == 0)
+
+
+def _promoted(connection: duckdb.DuckDBPyConnection, table: pa.Table) -> dict[str, pa.Array]:
+    """correlation_id, causation_id and user_id, taken from metadata where the row lacks them."""
+    lacking = [spec for spec in _PROMOTED if table[spec[0]].null_count]
+    if not lacking or table["metadata"].null_count == table.num_rows:
+        return {}
+    columns = ["_row", "metadata", *(column for column, _, _ in lacking)]
+    select = ", ".join(
+        _PROMOTE.format(column=column, camel=camel, stem=stem) + f" AS {column}"
+        for column, camel, stem in lacking
+    )
+    connection.register(BATCH, table.select(columns))
+    try:
+        # A plain projection keeps the input order (DuckDB's preserve_insertion_order).
+        found = connection.sql(f"SELECT _row, {select} FROM {BATCH}").to_arrow_table()
+    finally:
+        connection.unregister(BATCH)
+    rows = found["_row"].to_numpy()
+    if not np.array_equal(rows, np.arange(table.num_rows)):
+        found = found.take(pc.sort_indices(found["_row"]))
+    return {column: found[column] for column, _, _ in lacking}
 
 
 def bad_rows(session: Session, events: pa.Table, *, tz: str | None = None) -> pa.Table:
@@ -217,7 +282,7 @@ def bad_rows(session: Session, events: pa.Table, *, tz: str | None = None) -> pa
             connection.unregister(BATCH)
 
 
-def _fill_defaults(table: pa.Table, promoted: pa.Table, canonical_ids: bool) -> pa.Table:
+def _fill_defaults(table: pa.Table, promoted: dict[str, pa.Array], canonical_ids: bool) -> pa.Table:
     ids = table["event_id"]
     if not canonical_ids:
         ids = pa.chunked_array([[str(uuid.UUID(i)) if i else None for i in ids.to_pylist()]])
@@ -232,9 +297,7 @@ def _fill_defaults(table: pa.Table, promoted: pa.Table, canonical_ids: bool) -> 
         "recorded_at": recorded,
         "occurred_at": pc.coalesce(table["occurred_at"], recorded),
         "schema_version": pc.fill_null(table["schema_version"], pa.scalar(1, pa.int32())),
-        "correlation_id": promoted.column(0),
-        "causation_id": promoted.column(1),
-        "user_id": promoted.column(2),
+        **promoted,
     }
     for name, column in replaced.items():
         table = table.set_column(table.schema.get_field_index(name), name, column)
@@ -242,9 +305,22 @@ def _fill_defaults(table: pa.Table, promoted: pa.Table, canonical_ids: bool) -> 
 
 
 def _refuse_repeats(session: Session, table: pa.Table) -> None:
-    if table.num_rows <= 10_000:  # a set is quicker than a query for the appends of a notebook
-        ids = table["event_id"].to_pylist()
-        if len(set(ids)) == len(ids):
+    ids = table["event_id"]
+    if table.num_rows <= 10_000:  # a set is quicker than hashing for the appends of a notebook
+        listed = ids.to_pylist()
+        if len(set(listed)) == len(listed):
+            return
+    else:
+        from esworkbench._keys import hash_text
+
+        keys = np.sort(hash_text(ids))
+        twins = keys[1:][keys[1:] == keys[:-1]]
+        if len(twins) == 0:
+            return
+        # Equal keys are candidates: compare the text of those rows only.
+        candidates = ids.filter(pc.is_in(pa.array(hash_text(ids)), pa.array(twins)))
+        listed = candidates.to_pylist()
+        if len(set(listed)) == len(listed):
             return
     with session._lock:
         connection = session.connection

@@ -17,6 +17,7 @@ from deltalake import DeltaTable
 from deltalake.transaction import AddAction, RemoveAction
 
 from esworkbench import _layout
+from esworkbench._keys import FileKeys
 from esworkbench.events import EVENT_SCHEMA
 from esworkbench.query import FILES, Session
 
@@ -79,7 +80,7 @@ def _write(
     store: Store, kind: str, batches: list[pa.RecordBatch], row_group_size: int
 ) -> AddAction:
     rows = pa.Table.from_batches(batches, schema=EVENT_SCHEMA)
-    return _layout.write_file(
+    action = _layout.write_file(
         store.table_path,
         kind,
         rows,
@@ -87,3 +88,6 @@ def _write(
         presorted=True,
         data_change=False,
     )
+    # The store's key index meets this file when the log lists it; it need not read it then.
+    store._keys.stage(action.path, FileKeys.of(rows, presorted=True))
+    return action

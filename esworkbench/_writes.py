@@ -1,7 +1,10 @@
 """Placing a checked batch: retries, duplicate ids, stream heads, versions and positions.
 
 Everything here runs under the store's lock, against what is stored at that moment, and works on
-whole columns: stream heads come from one DuckDB query, versions from a sort and a running count.
+whole columns. The store's key index (:mod:`esworkbench._keys`) answers which files may hold an
+event_id and where each stream stands; without it (a session that has none, or staged files it
+was not told about) one DuckDB query over the stored files answers instead. Versions come from a
+sort and a running count.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from esworkbench import _layout
 from esworkbench._checks import BATCH
+from esworkbench._keys import KeyedSession, KeyIndex, Keys, hash_text
 from esworkbench.errors import ConcurrencyError, DuplicateEventError, InvalidEventError
 from esworkbench.events import EVENT_SCHEMA
 from esworkbench.query import FILES, Session
@@ -35,6 +40,13 @@ GROUP BY aggregate_id
 """
 
 
+def _index(session: Session, staged: Sequence[str]) -> KeyIndex | None:
+    """The session's key index, if it has one that knows every staged file."""
+    if isinstance(session, KeyedSession) and session.keys.knows(staged):
+        return session.keys
+    return None
+
+
 def _relation(query: str, staged: Sequence[str]) -> tuple[str, list[object]]:
     """The query over stored events, plus files staged by an import not yet committed."""
     if not staged:
@@ -44,21 +56,37 @@ def _relation(query: str, staged: Sequence[str]) -> tuple[str, list[object]]:
 
 
 def find_stored(
-    session: Session, table: pa.Table, staged: Sequence[str] = ()
+    session: Session,
+    table: pa.Table,
+    staged: Sequence[str] = (),
+    *,
+    event_keys: Keys | None = None,
 ) -> tuple[int, int, int] | None:
     """Returns (first position, last position, last version) if the whole batch is a retry.
 
     A retry is the same events, in the same order, stored by one earlier commit at the same
-    places. Returns None when none of the batch's event_ids is stored.
+    places. Returns None when none of the batch's event_ids is stored. ``event_keys`` are the
+    batch's keys (:func:`~esworkbench._keys.hash_text` of event_id), if already computed.
 
     Raises:
         DuplicateEventError: some event_id is stored at another place.
     """
+    params: list[object]
+    index = _index(session, staged)
+    if index is not None:
+        keys = hash_text(table["event_id"]) if event_keys is None else event_keys
+        files = index.files_holding(keys, staged)
+        if not files:
+            return None
+        # Only these files can hold the ids; the exact join confirms (or not) their hits.
+        query, params = _STORED.format(events=FILES), [files]
+    else:
+        query, params = _relation(_STORED, staged)
     with session._lock:
         connection = session.connection
         connection.register(BATCH, table.select(["event_id", "aggregate_id", "version", "_row"]))
         try:
-            row = connection.execute(*_relation(_STORED, staged)).fetchall()[0]
+            row = connection.execute(query, params).fetchall()[0]
         finally:
             connection.unregister(BATCH)
     hits, same, runs, first, last, version, event_id, stored_id, stored_version = row
@@ -74,15 +102,22 @@ def find_stored(
     )
 
 
-def _heads(session: Session, ids: pa.Array, staged: Sequence[str]) -> pa.Table:
+def _heads(session: Session, ids: pa.Array, staged: Sequence[str]) -> tuple[np.ndarray, pa.Array]:
+    """Head version (0: none) and stored aggregate_type (null: none) of each distinct stream."""
+    index = _index(session, staged)
+    if index is not None:
+        return index.heads(ids, staged)
     with session._lock:
         connection = session.connection
         connection.register(BATCH, pa.table({"aggregate_id": ids}))
         try:
             query, params = _relation(_HEADS, staged)
-            return connection.sql(query, params=params).to_arrow_table()
+            heads = connection.sql(query, params=params).to_arrow_table()
         finally:
             connection.unregister(BATCH)
+    found = pc.index_in(ids, heads["aggregate_id"])
+    head_of = pc.fill_null(pc.take(heads["head"], found), 0).to_numpy(zero_copy_only=False)
+    return head_of, pc.take(heads["stored_type"], found)
 
 
 def place(
@@ -91,33 +126,35 @@ def place(
     """Gives each event its version and position, checking versions against stream heads.
 
     Within the batch, a stream's events keep their input order; the first continues the
-    stream's stored head and each next one adds one. Positions follow the input order.
+    stream's stored head and each next one adds one. Positions follow the input order. The
+    rows come back sorted by (aggregate_type, aggregate_id, version), as files store them.
     """
     count = table.num_rows
-    order = pc.sort_indices(table, [("aggregate_id", "ascending"), ("_row", "ascending")])
+    # A stable sort: within a stream, rows keep their input order (_row).
+    order = pc.sort_indices(table, [("aggregate_type", "ascending"), ("aggregate_id", "ascending")])
     ids = table["aggregate_id"].take(order).combine_chunks()
+    kinds = table["aggregate_type"].take(order).combine_chunks()
     starts = np.ones(count, dtype=bool)
     if count > 1:
-        starts[1:] = pc.not_equal(ids.slice(1), ids.slice(0, count - 1)).to_numpy(
-            zero_copy_only=False
-        )
+        starts[1:] = pc.or_(
+            pc.not_equal(ids.slice(1), ids.slice(0, count - 1)),
+            pc.not_equal(kinds.slice(1), kinds.slice(0, count - 1)),
+        ).to_numpy(zero_copy_only=False)
     group = np.cumsum(starts) - 1
     first_index = np.flatnonzero(starts)
     rank = np.arange(count) - first_index[group] + 1
-    streams = ids.filter(pa.array(starts))
-    heads = _heads(session, streams, staged)
-    found = pc.index_in(streams, heads["aggregate_id"])
-    head_of = pc.fill_null(pc.take(heads["head"], found), 0).to_numpy(zero_copy_only=False)
+    mask = pa.array(starts)
+    streams = ids.filter(mask)
+    if pc.count_distinct(streams).as_py() < len(streams):
+        _refuse_mixed_types(table)
+    head_of, stored = _heads(session, streams, staged)
+    _check_types(table, order, kinds.filter(mask), stored, first_index)
     versions = head_of[group] + rank
-    kinds = table["aggregate_type"].take(order).combine_chunks()
-    _check_types(table, order, kinds, starts, pc.take(heads["stored_type"], found), group)
     _check_versions(table, order, versions, head_of[group])
-    in_input_order = np.empty(count, dtype=np.int64)
-    in_input_order[order.to_numpy()] = versions
-    placed = table.set_column(
-        table.schema.get_field_index("version"), "version", pa.array(in_input_order)
-    )
-    positions = np.arange(head_position + 1, head_position + count + 1, dtype=np.int64)
+    rows = table.select([n for n in EVENT_SCHEMA.names if n not in ("version", "position")])
+    placed = _layout.gather(rows, order)
+    placed = placed.append_column("version", pa.array(versions))
+    positions = order.to_numpy(zero_copy_only=False) + (head_position + 1)
     placed = placed.append_column("position", pa.array(positions))
     return placed.select(EVENT_SCHEMA.names).cast(EVENT_SCHEMA)
 
@@ -128,42 +165,43 @@ def _row_of(table: pa.Table, order: pa.Array, where: np.ndarray) -> dict[str, ob
     return row
 
 
+def _refuse_mixed_types(table: pa.Table) -> None:
+    """Names the first event (by stream, then input order) that changes its stream's type."""
+    order = pc.sort_indices(table, [("aggregate_id", "ascending"), ("_row", "ascending")])
+    ids = table["aggregate_id"].take(order)
+    kinds = table["aggregate_type"].take(order)
+    same_stream = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1))
+    changed = pc.not_equal(kinds.slice(1), kinds.slice(0, len(kinds) - 1))
+    mixed = np.concatenate([[False], pc.and_(same_stream, changed).to_numpy(zero_copy_only=False)])
+    row = _row_of(table, order, mixed)
+    raise InvalidEventError(
+        f"event {row['_row']}: stream {row['aggregate_id']!r} is given more than one "
+        "aggregate_type in this batch. Hint: a stream keeps one aggregate_type",
+        index=int(str(row["_row"])),
+        field="aggregate_type",
+    )
+
+
 def _check_types(
-    table: pa.Table,
-    order: pa.Array,
-    kinds: pa.Array,
-    starts: np.ndarray,
-    stored: pa.Array,
-    group: np.ndarray,
+    table: pa.Table, order: pa.Array, kinds: pa.Array, stored: pa.Array, first: np.ndarray
 ) -> None:
-    count = len(kinds)
-    if count > 1:
-        changed = pc.not_equal(kinds.slice(1), kinds.slice(0, count - 1)).to_numpy(
-            zero_copy_only=False
-        )
-        mixed = np.concatenate([[False], changed & ~starts[1:]])
-        if mixed.any():
-            row = _row_of(table, order, mixed)
-            raise InvalidEventError(
-                f"event {row['_row']}: stream {row['aggregate_id']!r} is given more than one "
-                "aggregate_type in this batch. Hint: a stream keeps one aggregate_type",
-                index=int(str(row["_row"])),
-                field="aggregate_type",
-            )
+    """Refuses a stream given another aggregate_type than the one it is stored with."""
     if stored.null_count == len(stored):
         return
-    stored_per_row = pc.take(stored, pa.array(group))
-    other = pc.and_(pc.is_valid(stored_per_row), pc.not_equal(stored_per_row, kinds))
-    other_np = pc.fill_null(other, False).to_numpy(zero_copy_only=False)
-    if other_np.any():
-        row = _row_of(table, order, other_np)
-        kind = stored_per_row[int(np.flatnonzero(other_np)[0])].as_py()
-        raise InvalidEventError(
-            f"event {row['_row']}: stream {row['aggregate_id']!r} is of aggregate_type "
-            f"{kind!r}, not {row['aggregate_type']!r}. Hint: a stream keeps one aggregate_type",
-            index=int(str(row["_row"])),
-            field="aggregate_type",
-        )
+    other = pc.fill_null(pc.not_equal(stored, kinds), False).to_numpy(zero_copy_only=False)
+    if not other.any():
+        return
+    stream = int(np.flatnonzero(other)[0])
+    where = np.zeros(len(order), dtype=bool)
+    where[first[stream]] = True
+    row = _row_of(table, order, where)
+    raise InvalidEventError(
+        f"event {row['_row']}: stream {row['aggregate_id']!r} is of aggregate_type "
+        f"{stored[stream].as_py()!r}, not {row['aggregate_type']!r}. Hint: a stream keeps one "
+        "aggregate_type",
+        index=int(str(row["_row"])),
+        field="aggregate_type",
+    )
 
 
 def _check_versions(

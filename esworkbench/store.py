@@ -31,6 +31,7 @@ from deltalake.transaction import AddAction, RemoveAction
 
 from esworkbench import _checks, _layout, _marker, _writes
 from esworkbench._index import RowGroupIndex
+from esworkbench._keys import FileKeys, KeyedSession, KeyIndex
 from esworkbench.errors import (
     ConcurrencyError,
     CorruptStoreError,
@@ -109,7 +110,9 @@ class Store:
                 f"the events table of store {path} cannot be read: {exc}. "
                 "Hint: the store's events/_delta_log is damaged; restore it from a backup"
             ) from exc
-        self._session = Session()
+        # Event keys and stream heads for batch appends, built on the first batch.
+        self._keys = KeyIndex(self.table_path)
+        self._session: Session = KeyedSession(self._keys)
         self._index = RowGroupIndex()
         self._loaded_version = -1
         self._bound_version = -1
@@ -316,6 +319,7 @@ class Store:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 self.refresh()
+                self._keys.follow(self._files)
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
@@ -412,7 +416,6 @@ class Store:
         if table.num_rows == 0:
             return AppendResult(0, 0, None, None)
         with self._locked():
-            self._bind()
             if supplied and (stored := _writes.find_stored(self._session, table)) is not None:
                 return AppendResult(table.num_rows, _streams(table), stored[0], stored[1])
             placed = _writes.place(self._session, table, self.head_position())
@@ -432,9 +435,11 @@ class Store:
 
         def write(part: tuple[str, pa.Table]) -> AddAction:
             kind, rows = part
-            return _layout.write_file(
+            action = _layout.write_file(
                 self.table_path, kind, rows, row_group_size=row_group_size, presorted=True
             )
+            self._keys.stage(action.path, FileKeys.of(rows, presorted=True))
+            return action
 
         if len(parts) == 1:
             return [write(parts[0])]
