@@ -16,10 +16,12 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, localcontext
 from multiprocessing import get_context
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import cloudpickle  # type: ignore[import-untyped]
+import duckdb
 import msgspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -54,16 +56,23 @@ COLUMNS: Final = (
 SELECT_COLUMNS: Final = ", ".join(COLUMNS)
 
 
-class Source:
-    """What replay reads from: a Store or an attached lake (anything with these two methods)."""
+class Source(Protocol):
+    """What replay reads from: a Store or an attached lake."""
 
-    def sql(self, query: str, params: Params = None) -> Any:  # pragma: no cover - protocol
+    def sql(self, query: str, params: Params = None) -> duckdb.DuckDBPyRelation:
         """Runs SQL over the ``events`` view."""
-        raise NotImplementedError
+        ...  # pragma: no cover
 
-    def read_stream(self, aggregate_id: str, **bounds: Any) -> pa.Table:  # pragma: no cover
+    def read_stream(
+        self,
+        aggregate_id: str,
+        *,
+        from_version: int = 1,
+        to_version: int | None = None,
+        until: datetime | None = None,
+    ) -> pa.Table:
         """Reads one stream in version order."""
-        raise NotImplementedError
+        ...  # pragma: no cover
 
 
 class _Rows:
@@ -366,6 +375,7 @@ def fold_events(folder: Folder, events: Sequence[Event], cursor: Cursor | None =
 # -- every stream ------------------------------------------------------------------------------
 
 Row = tuple[str, int, int, Any]  # aggregate_id, version, last recorded_at (µs), state
+Range = tuple[str, str, int]  # first and last aggregate_id, events
 _WORKER: dict[str, Folder] = {}
 
 
@@ -471,7 +481,7 @@ def fold_all(
     *,
     workers: int | None = None,
     progress: bool | None = None,
-    batch_size: int = 32_768,
+    chunk_events: int = 100_000,
 ) -> list[Row]:
     """Folds every stream of the aggregate's type whose events pass ``where``; one row each.
 
@@ -483,14 +493,16 @@ def fold_all(
     """
     from tqdm.auto import tqdm
 
+    args = [aggregate.name, *(params or [])]
+    ranges = _ranges(source, where, args, chunk_events)
+    count = sum(n for _, _, n in ranges)
     query = (
         f"SELECT {SELECT_COLUMNS} FROM events WHERE aggregate_type = ? AND ({where}) "
-        "ORDER BY aggregate_id, version"
+        "AND aggregate_id BETWEEN ? AND ? ORDER BY aggregate_id, version"
     )
-    args = [aggregate.name, *(params or [])]
-    total = source.sql(f"SELECT count(*) FROM events WHERE aggregate_type = ? AND ({where})", args)
-    count = int(total.fetchall()[0][0])
-    chunks = _whole_streams(source.sql(query, args).to_arrow_reader(batch_size))
+    # One sorted query per range of streams: DuckDB never sorts more than a chunk at once, and
+    # the files' aggregate_id statistics let it skip the row groups outside the range.
+    chunks = (source.sql(query, [*args, lo, hi]).to_arrow_table() for lo, hi, _ in ranges)
     workers = _workers(workers, count)
     rows: list[Row] = []
     disable = None if progress is None else not progress
@@ -520,6 +532,27 @@ def fold_all(
             for item in pending:
                 rows.extend(_collect(item, bar))
     return rows
+
+
+def _ranges(source: Source, where: str, args: list[Any], chunk_events: int) -> list[Range]:
+    """Consecutive ranges of aggregate_ids holding about ``chunk_events`` events each."""
+    counts = source.sql(
+        f"SELECT aggregate_id, count(*) FROM events WHERE aggregate_type = ? AND ({where}) "
+        "GROUP BY aggregate_id ORDER BY aggregate_id",
+        args,
+    ).to_arrow_table()
+    if counts.num_rows == 0:
+        return []
+    ids = counts.column(0)
+    sizes = counts.column(1).to_numpy()
+    ends = np.cumsum(sizes)
+    group = (ends - 1) // max(chunk_events, 1)
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(group)) + 1])
+    stops = np.concatenate([starts[1:], [len(sizes)]])
+    return [
+        (ids[int(a)].as_py(), ids[int(b) - 1].as_py(), int(sizes[a:b].sum()))
+        for a, b in zip(starts, stops, strict=True)
+    ]
 
 
 def _collect(item: tuple[Future[list[Row]], int], bar: Any) -> list[Row]:

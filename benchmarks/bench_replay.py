@@ -1,0 +1,293 @@
+"""Replay benchmarks on the generator's bank workload, each figure beside its anchor, same run.
+
+The workload: the Account streams of ``esworkbench.demo.generate`` (opened, deposits in two schema
+versions, withdrawals with balanceAfter, freezes, closures), ``--events`` of them, in one compacted
+store; PostgreSQL gets the same events in the seed schema (``bench_events``) by COPY.
+
+1. Every account as of the last instant with a declared fold (``demo_folds.ACCOUNT_SUMMARY``, the
+   SQL engine), against PostgreSQL answering the same question (DISTINCT ON per last-value field
+   plus one GROUP BY for counts, sums and instants) and against a hand-written DuckDB query over
+   the same Parquet files (written with the domain's knowledge: which event type carries what).
+2. A Python fold (``demo_folds.ACCOUNT``: JSON payloads, exact Decimals) over every event, end to
+   end through ``esw.as_of``, against a naive Python loop over already-decoded dicts.
+3. One stream's state as of a random instant (``esw.replay(..., at=T)``): p50 and p99 over a
+   seeded sample of accounts; anchor: the same fold over PostgreSQL's rows of that stream.
+4. Peak memory of the Python replay of item 2, in a fresh process (main + worker peaks).
+
+Medians of ``--repeat`` runs. Run ``python benchmarks/bench_replay.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_store import log, pct, pg_connect, pg_ingest, wait_quiet  # noqa: E402
+
+import esworkbench as esw  # noqa: E402
+from esworkbench.demo import generate  # noqa: E402
+from esworkbench.demo_folds import ACCOUNT, ACCOUNT_SUMMARY  # noqa: E402
+
+PG_COLUMNS = [
+    "event_id", "event_type", "aggregate_id", "aggregate_type", "version", "data", "metadata",
+    "recorded_at",
+]  # fmt: skip
+STATUS = "('AccountOpened', 'AccountFrozen', 'AccountUnfrozen', 'AccountClosed')"
+
+HAND_DUCKDB = f"""
+SELECT aggregate_id, max(version) AS version, max(recorded_at) AS last_event_at,
+  any_value(data->>'$.owner') FILTER (WHERE event_type = 'AccountOpened') AS owner,
+  any_value(data->>'$.currency') FILTER (WHERE event_type = 'AccountOpened') AS currency,
+  arg_max(data->>'$.balanceAfter', version)
+    FILTER (WHERE event_type = 'MoneyWithdrawn' OR (event_type = 'MoneyDeposited'
+            AND schema_version = 2)) AS balance,
+  count(*) FILTER (WHERE event_type = 'MoneyDeposited') AS deposits,
+  sum(CAST(data->>'$.amount' AS DECIMAL(38, 18)))
+    FILTER (WHERE event_type = 'MoneyWithdrawn') AS withdrawn,
+  arg_max(event_type, version) FILTER (WHERE event_type IN {STATUS}) AS status,
+  min(recorded_at) AS opened_at, max(recorded_at) AS last_activity
+FROM events WHERE aggregate_type = 'Account' GROUP BY aggregate_id
+"""
+
+PG_SAME_QUESTION = f"""
+WITH last AS (
+  SELECT DISTINCT ON (aggregate_id) aggregate_id, version, timestamp
+  FROM bench_events WHERE aggregate_type = 'Account' ORDER BY aggregate_id, version DESC),
+balance AS (
+  SELECT DISTINCT ON (aggregate_id) aggregate_id, data->'balanceAfter' AS balance
+  FROM bench_events WHERE aggregate_type = 'Account' AND data ? 'balanceAfter'
+  ORDER BY aggregate_id, version DESC),
+status AS (
+  SELECT DISTINCT ON (aggregate_id) aggregate_id, event_type AS status
+  FROM bench_events WHERE event_type IN {STATUS} ORDER BY aggregate_id, version DESC),
+opened AS (
+  SELECT DISTINCT ON (aggregate_id) aggregate_id, data->>'owner' AS owner,
+    data->>'currency' AS currency
+  FROM bench_events WHERE event_type = 'AccountOpened' ORDER BY aggregate_id, version DESC),
+totals AS (
+  SELECT aggregate_id, count(*) FILTER (WHERE event_type = 'MoneyDeposited') AS deposits,
+    sum((data->>'amount')::numeric) FILTER (WHERE event_type = 'MoneyWithdrawn') AS withdrawn,
+    min(timestamp) AS opened_at, max(timestamp) AS last_activity
+  FROM bench_events WHERE aggregate_type = 'Account' GROUP BY aggregate_id)
+SELECT last.aggregate_id, last.version, last.timestamp, owner, currency, balance, deposits,
+  withdrawn, status, opened_at, last_activity
+FROM last JOIN totals USING (aggregate_id) LEFT JOIN balance USING (aggregate_id)
+  LEFT JOIN status USING (aggregate_id) LEFT JOIN opened USING (aggregate_id)
+"""
+
+
+def build(events: int, seed: int, work: Path) -> tuple[Path, Path]:
+    """A compacted store of ``events`` Account events, and the same events as CSV for COPY."""
+    path = work / f"bank-{events}-seed{seed}"
+    csv = work / f"bank-{events}-seed{seed}.csv"
+    done = path / "bench-complete"
+    if done.exists() and csv.exists():
+        log(f"reusing {path.name}")
+        return path, csv
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+    store = esw.open_store(path)
+    schema = pa.schema([esw.EVENT_SCHEMA.field(c) for c in PG_COLUMNS])
+    options = pacsv.WriteOptions(include_header=False, quoting_style="needed")
+    written = 0
+    start = time.perf_counter()
+    with pacsv.CSVWriter(csv, schema, write_options=options) as writer:
+        # Accounts are about half of the generated events: generate enough, keep only them.
+        for table in generate(int(events / 0.5) + 100_000, seed=seed, batch_size=400_000):
+            accounts = table.filter(pc.equal(table["aggregate_type"], "Account"))
+            accounts = accounts.slice(0, events - written)
+            store.append_batch(accounts)
+            writer.write_table(accounts.select(PG_COLUMNS))
+            written += accounts.num_rows
+            if written >= events:
+                break
+    store.compact()
+    store.close()
+    done.touch()
+    log(f"built {written:,} Account events in {time.perf_counter() - start:.0f}s")
+    return path, csv
+
+
+def median_time(run: Any, repeat: int) -> tuple[float, Any]:
+    times, result = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def declared(store: esw.Store, dsn: str | None, repeat: int) -> dict[str, Any]:
+    ours, frame = median_time(lambda: esw.as_of(store, ACCOUNT_SUMMARY), repeat)
+    hand, rows = median_time(lambda: store.sql(HAND_DUCKDB).to_arrow_table(), repeat)
+    out: dict[str, Any] = {"esw_s": ours, "hand_duckdb_s": hand, "accounts": len(frame)}
+    assert rows.num_rows == len(frame), (rows.num_rows, len(frame))
+    if dsn:
+        with pg_connect(dsn) as conn:
+            pg, pg_rows = median_time(lambda: conn.execute(PG_SAME_QUESTION).fetchall(), repeat)
+        assert len(pg_rows) == len(frame), (len(pg_rows), len(frame))
+        out["postgres_s"] = pg
+    return out
+
+
+def naive_rate(store: esw.Store, sample: int) -> float:
+    """Events/s of a plain Python loop over already-decoded dicts, with the same fold logic."""
+    import json as stdjson
+    from decimal import Decimal
+
+    rows = store.sql(
+        "SELECT aggregate_id, event_type, data FROM events WHERE aggregate_type = 'Account' "
+        "ORDER BY aggregate_id, version LIMIT ?",
+        [sample],
+    ).fetchall()
+    events = [
+        {"aggregate_id": a, "event_type": t, "data": stdjson.loads(d, parse_float=Decimal)}
+        for a, t, d in rows
+    ]
+    states: dict[str, dict[str, Any]] = {}
+    start = time.perf_counter()
+    for event in events:
+        state = states.get(event["aggregate_id"])
+        if state is None:
+            state = {"owner": None, "currency": None, "balance": 0, "status": None, "moves": 0}
+        data, kind = event["data"], event["event_type"]
+        if kind == "AccountOpened":
+            state = {**state, "owner": data["owner"], "currency": data["currency"],
+                     "balance": data.get("openingBalance", 0), "status": "open"}  # fmt: skip
+        elif kind == "MoneyDeposited":
+            amount = data["amount"] if "amount" in data else data["amt"]
+            state = {**state, "balance": state["balance"] + amount, "moves": state["moves"] + 1}
+        elif kind == "MoneyWithdrawn":
+            state = {**state, "balance": state["balance"] - data["amount"],
+                     "moves": state["moves"] + 1}  # fmt: skip
+        states[event["aggregate_id"]] = state
+    return len(events) / (time.perf_counter() - start)
+
+
+def python_fold_child(store_path: str, workers: int | None) -> None:
+    """Run in a fresh process: the Python replay of every account; prints JSON figures."""
+    store = esw.open_store(store_path, create=False)
+    count = store.sql("select count(*) from events").fetchall()[0][0]
+    start = time.perf_counter()
+    frame = esw.as_of(store, ACCOUNT, workers=workers, progress=False)
+    took = time.perf_counter() - start
+    main_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"events": count, "s": took, "eps": count / took, "accounts": len(frame),
+                      "main_mb": main_mb, "worker_mb": worker_mb}))  # fmt: skip
+
+
+def python_fold(store: Path, repeat: int, workers: int | None) -> dict[str, Any]:
+    runs = []
+    for _ in range(repeat):
+        command = [sys.executable, __file__, "--child", str(store)]
+        if workers is not None:
+            command += ["--workers", str(workers)]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+    best = sorted(runs, key=lambda r: r["s"])[len(runs) // 2]
+    peak = max(r["main_mb"] + (workers or 2) * r["worker_mb"] for r in runs)
+    return {**best, "peak_total_mb": peak}
+
+
+def one_stream(store: esw.Store, dsn: str | None, samples: int, seed: int) -> dict[str, Any]:
+    ids = [r[0] for r in store.sql("select aggregate_id from streams order by 1").fetchall()]
+    first, last = store.sql("select min(recorded_at), max(recorded_at) from events").fetchall()[0]
+    rng = random.Random(seed)
+    picks = [
+        (rng.choice(ids), first + timedelta(seconds=rng.uniform(0, (last - first).total_seconds())))
+        for _ in range(samples)
+    ]
+    for aggregate_id, at in picks[:20]:  # warm the footers' cache, as a notebook session would
+        esw.replay(store, ACCOUNT, aggregate_id, at=at)
+    ms = []
+    for aggregate_id, at in picks:
+        start = time.perf_counter()
+        esw.replay(store, ACCOUNT, aggregate_id, at=at)
+        ms.append((time.perf_counter() - start) * 1000)
+    out: dict[str, Any] = {"p50_ms": pct(ms, 0.5), "p99_ms": pct(ms, 0.99), "samples": samples}
+    if dsn:
+        from esworkbench.engine import Folder, decode_events, fold_events
+
+        pg_ms = []
+        with pg_connect(dsn) as conn:
+            for aggregate_id, at in picks:
+                start = time.perf_counter()
+                rows = conn.execute(
+                    "SELECT aggregate_id, version, event_type, data::text, 1 AS schema_version "
+                    "FROM bench_events WHERE aggregate_id = %s AND timestamp <= %s "
+                    "ORDER BY version",
+                    [aggregate_id, at],
+                ).fetchall()
+                table = pa.table(
+                    list(zip(*rows, strict=True)) if rows else [[], [], [], [], []],
+                    names=["aggregate_id", "version", "event_type", "data", "schema_version"],
+                )
+                fold_events(Folder(ACCOUNT), decode_events(table, ACCOUNT))
+                pg_ms.append((time.perf_counter() - start) * 1000)
+        out["postgres_p50_ms"] = pct(pg_ms, 0.5)
+        out["postgres_p99_ms"] = pct(pg_ms, 0.99)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=5_000_000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--skip-postgres", action="store_true")
+    parser.add_argument("--work", type=Path, default=HERE / "stores")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        python_fold_child(args.child, args.workers)
+        return 0
+    args.work.mkdir(parents=True, exist_ok=True)
+    path, csv = build(args.events, args.seed, args.work)
+    dsn = None if args.skip_postgres else args.dsn
+    if dsn:
+        log("loading PostgreSQL (COPY into bench_events)")
+        pg_ingest(dsn, csv)
+    wait_quiet(120)
+    store = esw.open_store(path, create=False)
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(["benchmarks/bench_replay.py", *(argv or sys.argv[1:])]),
+    }
+    log("declared fold, every account")
+    results["declared"] = declared(store, dsn, args.repeat)
+    log("python fold, every event")
+    results["python"] = python_fold(path, args.repeat, args.workers)
+    results["naive_loop_eps"] = naive_rate(store, 500_000)
+    log("one stream as of T")
+    results["one_stream"] = one_stream(store, dsn, args.samples, args.seed)
+    print(json.dumps(results, indent=2, default=str))
+    if dsn:
+        with pg_connect(dsn) as conn:
+            conn.execute("DROP TABLE IF EXISTS bench_events")
+            conn.commit()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
