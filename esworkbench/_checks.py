@@ -313,12 +313,13 @@ def _refuse_repeats(session: Session, table: pa.Table) -> None:
     else:
         from esworkbench._keys import hash_text
 
-        keys = np.sort(hash_text(ids))
-        twins = keys[1:][keys[1:] == keys[:-1]]
+        keys = hash_text(ids)
+        ordered = np.sort(keys)
+        twins = ordered[1:][ordered[1:] == ordered[:-1]]
         if len(twins) == 0:
             return
         # Equal keys are candidates: compare the text of those rows only.
-        candidates = ids.filter(pc.is_in(pa.array(hash_text(ids)), pa.array(twins)))
+        candidates = ids.filter(pc.is_in(pa.array(keys), pa.array(twins)))
         listed = candidates.to_pylist()
         if len(set(listed)) == len(listed):
             return

@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from esworkbench import _layout
+from esworkbench import _keys, _layout
 from esworkbench._checks import BATCH
-from esworkbench._keys import KeyedSession, KeyIndex, Keys, hash_text
+from esworkbench._keys import KeyedSession, KeyIndex, Keys
 from esworkbench.errors import ConcurrencyError, DuplicateEventError, InvalidEventError
 from esworkbench.events import EVENT_SCHEMA
 from esworkbench.query import FILES, Session
@@ -74,7 +74,7 @@ def find_stored(
     params: list[object]
     index = _index(session, staged)
     if index is not None:
-        keys = hash_text(table["event_id"]) if event_keys is None else event_keys
+        keys = _keys.hash_text(table["event_id"]) if event_keys is None else event_keys
         files = index.files_holding(keys, staged)
         if not files:
             return None
