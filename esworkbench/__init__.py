@@ -36,6 +36,7 @@ from esworkbench.aggregates import maximum as max
 from esworkbench.aggregates import minimum as min
 from esworkbench.aggregates import total as sum
 from esworkbench.attach import AttachedLake, attach
+from esworkbench.diffs import Diff, PopulationDiff, diff, population_diff
 from esworkbench.errors import (
     ConcurrencyError,
     CorruptStoreError,
@@ -49,6 +50,8 @@ from esworkbench.errors import (
 )
 from esworkbench.events import EVENT_SCHEMA, NewEvent
 from esworkbench.engine import Event
+from esworkbench.history import blame, timeline
+from esworkbench.late import late_events, restatement
 from esworkbench.sources import (
     ImportResult,
     SourceRewrittenError,
@@ -57,6 +60,7 @@ from esworkbench.sources import (
     export_parquet,
     import_events,
 )
+from esworkbench.steps import Step, Steps, steps
 from esworkbench.store import (
     ANY,
     NO_STREAM,
@@ -81,6 +85,7 @@ __all__ = [
     "AttachedLake",
     "ConcurrencyError",
     "CorruptStoreError",
+    "Diff",
     "DuplicateEventError",
     "EsWorkbenchError",
     "Event",
@@ -89,10 +94,13 @@ __all__ = [
     "ImportResult",
     "InvalidEventError",
     "NewEvent",
+    "PopulationDiff",
     "QueryError",
     "ReadOnlyError",
     "SourceRewrittenError",
     "Store",
+    "Step",
+    "Steps",
     "StoreError",
     "UnknownStreamError",
     "UpcastError",
@@ -100,7 +108,9 @@ __all__ = [
     "aggregate",
     "as_of",
     "attach",
+    "blame",
     "count",
+    "diff",
     "export_csv",
     "export_jsonl",
     "export_parquet",
@@ -109,13 +119,18 @@ __all__ = [
     "import_events",
     "last",
     "last_at",
+    "late_events",
     "max",
     "maximum",
     "min",
     "minimum",
     "open_store",
+    "population_diff",
     "replay",
+    "restatement",
     "status",
+    "steps",
     "sum",
+    "timeline",
     "total",
 ]
