@@ -29,8 +29,12 @@ def json_path(field: str) -> str:
     return '$."' + field.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _piece(piece: Piece, params: list[Any]) -> str:
-    """One piece as SQL aggregate expressions (some pieces need two), appending its params."""
+def _piece(piece: Piece, slots: dict[str, int], params: list[Any]) -> str:
+    """One piece as SQL aggregate expressions (some pieces need two), appending its params.
+
+    ``v`` is the list of the data fields the fold reads, extracted once per event: ``v[i]`` is
+    the JSON of field ``slots[name]``, NULL when the event does not carry it.
+    """
     if piece.kind == "status":
         types = [t for t, _ in piece.statuses]
         for event_type, value in piece.statuses:
@@ -41,68 +45,67 @@ def _piece(piece: Piece, params: list[Any]) -> str:
         return (
             f"arg_max(CASE event_type {cases} END, version) FILTER (WHERE event_type IN ({marks}))"
         )
-    text: list[str] = []
-    value_params: list[Any] = []
+    value = f"v[{slots[piece.field]}]" if piece.field is not None else ""
+    number = f"TRY_CAST({value}::VARCHAR AS DECIMAL(38, 18))"
     if piece.kind in ("first_at", "last_at"):
         function = "arg_min" if piece.kind == "first_at" else "arg_max"
-        text.append(f"{function}({piece.instant}, version)")
+        text = f"{function}({piece.instant}, version)"
     elif piece.kind == "count":
-        text.append("count(*)")
+        text = "count(*)"
     elif piece.kind == "last":
-        text.append("arg_max(json_extract(data, ?)::VARCHAR, version)")
-        value_params.append(json_path(piece.field or ""))
+        text = f"arg_max({value}::VARCHAR, version)"
     elif piece.kind == "sum":
-        text.append("sum(CAST(json_extract(data, ?)::VARCHAR AS DECIMAL(38, 18)))")
-        value_params.append(json_path(piece.field or ""))
+        text = f"sum({number})"
     else:
         function = "arg_min" if piece.kind == "min" else "arg_max"
-        text.append(
-            f"{function}(json_extract(data, ?)::VARCHAR, "
-            "CAST(json_extract(data, ?)::VARCHAR AS DECIMAL(38, 18)))"
-        )
-        value_params.extend([json_path(piece.field or "")] * 2)
+        text = f"{function}({value}::VARCHAR, {number})"
     conditions: list[str] = []
-    filter_params: list[Any] = []
     if piece.types is not None:
         types = sorted(piece.types)
         conditions.append(f"event_type IN ({', '.join('?' * len(types))})")
-        filter_params.extend(types)
+        params.extend(types)
     if piece.field is not None:
         if piece.kind in ("sum", "min", "max"):
-            conditions.append(f"json_type(data, ?) IN {_NUMBER}")
+            conditions.append(f"json_type({value}) IN {_NUMBER}")
         else:
-            conditions.append("json_exists(data, ?)")
-        filter_params.append(json_path(piece.field))
+            conditions.append(f"{value} IS NOT NULL")
     where = f" FILTER (WHERE {' AND '.join(conditions)})" if conditions else ""
-    expressions = [text[0] + where]
-    params.extend(value_params + filter_params)
     if piece.kind == "sum":  # whether any operand had a fraction: the sum is then not an int
-        expressions.append(f"bool_or(json_type(data, ?) = 'DOUBLE'){where}")
-        params.extend([json_path(piece.field or ""), *filter_params])
-    return ", ".join(expressions)
+        params.extend(params[len(params) - len(piece.types or ()) :])
+        return f"{text}{where}, bool_or(json_type({value}) = 'DOUBLE'){where}"
+    return text + where
 
 
 def compile_as_of(
-    aggregate: Aggregate, where: str, where_params: list[Any]
+    aggregate: Aggregate, where: str, where_params: list[Any], source: str = "events"
 ) -> tuple[str, list[Any]]:
     """The query for every stream of a declared aggregate whose events pass ``where``.
 
     Columns: aggregate_id, version, last_event_at, then one (two for sums) per declared field.
+    ``source`` is the relation the events come from: the ``events`` view, or a SELECT over it
+    (the view with upcasters applied, :meth:`~esworkbench.Upcasters.events_sql`). Each event's
+    data is parsed once: every field the fold reads comes out of one ``json_extract``.
 
     Examples:
         >>> import esworkbench as esw
         >>> query, params = compile_as_of(esw.Aggregate("A", fields={"n": esw.count()}), "true", [])
         >>> params
-        ['A']
+        [[], 'A']
     """
+    names = dict.fromkeys(p.field for p in aggregate.fields.values() if p.field is not None)
+    slots = {name: i + 1 for i, name in enumerate(names)}
     params: list[Any] = []
-    columns = [_piece(piece, params) for piece in aggregate.fields.values()]
+    columns = [_piece(piece, slots, params) for piece in aggregate.fields.values()]
+    relation = "events" if source == "events" else f"({source}) AS events"
     query = (
         "SELECT aggregate_id, max(version) AS version, arg_max(recorded_at, version) AS "
-        f"last_event_at, {', '.join(columns)} FROM events WHERE aggregate_type = ? AND ({where}) "
+        f"last_event_at, {', '.join(columns)} FROM (SELECT aggregate_id, version, event_type, "
+        "recorded_at, occurred_at, json_extract(data, ?::VARCHAR[]) AS v "
+        f"FROM {relation} WHERE aggregate_type = ? AND ({where})) "
         "GROUP BY aggregate_id ORDER BY aggregate_id"
     )
-    return query, [*params, aggregate.name, *where_params]
+    paths = [json_path(name) for name in names]
+    return query, [*params, paths, aggregate.name, *where_params]
 
 
 def present_sql(aggregate: Aggregate, row: tuple[Any, ...], decode: Any) -> dict[str, Any]:
