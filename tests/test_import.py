@@ -206,6 +206,37 @@ def test_a_refused_row_breaks_its_stream_for_later_batches(
     assert (again.imported, again.quarantined) == (0, 0)
 
 
+@pytest.mark.parametrize("batch_size", [100, 1])
+def test_repeated_event_ids_are_refused_exactly(
+    store: esw.Store, tmp_path: Path, batch_size: int
+) -> None:
+    first = tmp_path / "first.jsonl"
+    write_lines(first, [event("s", 1)])
+    esw.import_events(store, first)
+    rows = [
+        event("a", 1),
+        {**event("b", 1), "eventId": event("a", 1)["eventId"]},  # repeats position 1
+        event("c", 1, eventId=event("s", 1)["eventId"]),  # repeats a stored event
+        event("b", 2),  # follows the refused b 1
+        event("d", 1),
+    ]
+    source = tmp_path / "events.jsonl"
+    write_lines(source, rows)
+    with pytest.raises(esw.DuplicateEventError, match=r"position 2: .*event_id") as caught:
+        esw.import_events(store, source, batch_size=batch_size)
+    assert caught.value.event_id == event("a", 1)["eventId"]
+    result = esw.import_events(store, source, on_error="quarantine", batch_size=batch_size)
+    assert (result.imported, result.quarantined) == (2, 3)
+    reasons = {line["source_position"]: line["reason"] for line in quarantined_lines(result)}
+    assert "which source position 1 has too" in reasons[2] or (
+        "this import has already given to version 1 of stream 'a'" in reasons[2]
+    )
+    assert "the store already holds at version 1 of stream 's'" in reasons[3]
+    assert "stream 'b' was broken at source position 2" in reasons[4]
+    ids = store.sql("select event_id from events").fetchall()
+    assert len(ids) == len({i for (i,) in ids}) == 3
+
+
 def test_unknown_format_and_missing_file_are_clear(store: esw.Store, tmp_path: Path) -> None:
     with pytest.raises(esw.EsWorkbenchError, match="unknown format"):
         esw.import_events(store, tmp_path / "x.jsonl", format="kafka")  # type: ignore[arg-type]

@@ -202,5 +202,5 @@ def import_events(
     else:
         reader = _file_reader(Path(text), columns, tz)
     return run_import(
-        store, reader, on_error=on_error, batch_size=batch_size, tz=tz, quarantine=quarantine
+        store, reader, on_error=on_error, batch_size=batch_size, quarantine=quarantine
     )

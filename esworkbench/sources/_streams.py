@@ -1,16 +1,23 @@
 """Stream continuity during an import: which rows continue their stream, and which cannot.
 
 An import places its rows against the stream heads the store had when it began plus what the
-import itself has placed so far. Those heads live in a DuckDB table for the length of the import,
-so each batch needs one query: no scan of the files the import has staged, no Python loop over
-rows. A row breaks its stream when its version leaves a gap, repeats a version the stream has
-(a duplicate (aggregate_id, version)), or its aggregate_type differs from the stream's. Once a
-row of a stream is refused (by this check or by the field checks), the stream's later rows cannot
+import itself has placed so far. The heads of the streams an import has touched are kept in
+sorted NumPy arrays keyed by a 64-bit hash of the aggregate_id (about 24 bytes a stream), so a
+batch needs no scan of the files the import has staged and no Python loop over its rows; the
+store is asked only for the heads of streams the import meets for the first time.
+
+A row breaks its stream when its version leaves a gap, repeats a version the stream has (a
+duplicate (aggregate_id, version)), or its aggregate_type differs from the stream's. Once a row of
+a stream is refused (by this check or by the field checks), the stream's later rows cannot
 continue it without a gap, so they are refused too, with a reason that points at the first.
+
+Two streams whose ids share a 64-bit hash (odds near 10^-7 among a million streams) would share a
+head; with versions in the source that shows as a refused row, never as a silent merge.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -22,55 +29,21 @@ from esworkbench.query import Session
 
 __all__ = ["Continuity", "Verdict"]
 
-_HEADS: Final = "_esw_import_heads"
 _BATCH: Final = "_esw_import_batch"
-
-# One row per row of the batch (good rows, then refused ones), in batch order: its version (when
-# it continues its stream), its problem (when it does not), and the first refused source position
-# of its stream. Rows are ranked by source position, so a stream breaks where a refused row stands.
-_JUDGE: Final = f"""
-WITH ids AS (SELECT DISTINCT aggregate_id FROM {_BATCH}),
-known AS (
-    SELECT h.* FROM {_HEADS} h SEMI JOIN ids USING (aggregate_id)
-),
-stored AS (
-    SELECT aggregate_id, max(version) AS head, arg_max(aggregate_type, version) AS kind,
-           CAST(NULL AS BIGINT) AS broken_at
-    FROM events
-    WHERE aggregate_id IN (SELECT aggregate_id FROM ids ANTI JOIN known USING (aggregate_id))
-    GROUP BY aggregate_id
-),
-heads AS (SELECT * FROM known UNION ALL SELECT * FROM stored),
-ranked AS (
-    SELECT b.*, coalesce(h.head, 0) AS head, h.broken_at,
-           coalesce(h.kind, first_value(b.aggregate_type) OVER w) AS kind,
-           row_number() OVER w AS rank
-    FROM {_BATCH} b LEFT JOIN heads h USING (aggregate_id)
-    WINDOW w AS (PARTITION BY b.aggregate_id ORDER BY b.source_position)
-),
-judged AS (
-    SELECT *, CASE
-        WHEN refused THEN 'refused'
-        WHEN broken_at IS NOT NULL THEN 'broken'
-        WHEN aggregate_type <> kind THEN 'type'
-        WHEN version IS NOT NULL AND version < head + rank THEN 'duplicate'
-        WHEN version IS NOT NULL AND version > head + rank THEN 'gap'
-    END AS problem
-    FROM ranked
-)
-SELECT _i, head + rank AS next_version, problem, kind, broken_at,
-       min(CASE WHEN problem IS NOT NULL THEN source_position END)
-           OVER (PARTITION BY aggregate_id) AS first_bad
-FROM judged ORDER BY _i
+# The rows by stream, then by place in the source: DuckDB sorts in C++, on both cores.
+_HASHES: Final = f"""
+SELECT _i, hash(aggregate_id) AS k, hash(aggregate_type) AS t FROM {_BATCH}
+ORDER BY k, source_position
 """
-
-# The heads after the batch: each stream moves by its rows that continue it.
-_MOVE: Final = f"""
-INSERT OR REPLACE INTO {_HEADS}
-SELECT aggregate_id, coalesce(max(next_version) FILTER (WHERE ok), min(next_version) - 1),
-       any_value(kind), min(first_bad)
-FROM {_BATCH} GROUP BY aggregate_id
+_STORED: Final = f"""
+SELECT hash(aggregate_id) AS k, max(version) AS head,
+       hash(arg_max(aggregate_type, version)) AS t, arg_max(aggregate_type, version) AS kind
+FROM events WHERE aggregate_id IN (SELECT aggregate_id FROM {_BATCH})
+GROUP BY aggregate_id
 """
+# Problems of a row, in the order they are looked for.
+_REFUSED, _BROKEN, _TYPE, _DUPLICATE, _GAP = 1, 2, 3, 4, 5
+_NONE: Final = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,107 +64,180 @@ class Verdict:
 class Continuity:
     """The heads of the streams an import touches, moved batch by batch."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, *, stored: bool) -> None:
         self._session = session
-        session.execute(
-            f"CREATE OR REPLACE TEMP TABLE {_HEADS} (aggregate_id VARCHAR PRIMARY KEY, "
-            "head BIGINT, kind VARCHAR, broken_at BIGINT)"
-        )
+        self._stored = stored  # whether the store held events when the import began
+        self._keys = np.empty(0, np.uint64)  # sorted
+        self._heads = np.empty(0, np.int64)
+        self._kinds = np.empty(0, np.uint64)  # hash of the stream's aggregate_type
+        self._broken = np.empty(0, np.int64)  # first refused source position, or _NONE
+        self._names: dict[int, str] = {}  # aggregate_type hash -> name, for messages
 
-    def close(self) -> None:
-        """Drops the heads table."""
-        self._session.execute(f"DROP TABLE IF EXISTS {_HEADS}")
+    def _query(self, query: str, table: pa.Table) -> pa.Table:
+        with self._session._lock:
+            connection = self._session.connection
+            connection.register(_BATCH, table)
+            try:
+                return connection.sql(query).to_arrow_table()
+            finally:
+                connection.unregister(_BATCH)
 
     def judge(self, good: pa.Table, bad: pa.Table) -> Verdict:
         """Splits ``good`` (rows that passed the field checks, in source order) into rows that
         continue their streams and rows that cannot; ``bad`` (rows the field checks refused)
         break their streams from their source position on."""
-        count = good.num_rows
         streamed = bad.filter(pc.is_valid(bad["aggregate_id"]))
-        total = count + streamed.num_rows
-        columns = {"_i": pa.array(np.arange(total), pa.int64())}
-        for name in ("source_position", "aggregate_id", "aggregate_type", "version"):
-            columns[name] = pa.concat_arrays(
-                [good[name].combine_chunks(), streamed[name].combine_chunks()]
-            )
-        columns["refused"] = pa.array(np.arange(total) >= count, pa.bool_())
-        batch = pa.table(columns)
-        session = self._session
-        with session._lock:
-            connection = session.connection
-            connection.register(_BATCH, batch)
-            try:
-                out = connection.sql(_JUDGE).to_arrow_table()
-            finally:
-                connection.unregister(_BATCH)
-            positions = batch["source_position"]
-            problem = out["problem"]
-            first_bad = out["first_bad"]
-            ok = pc.and_(
-                pc.is_null(problem),
-                pc.fill_null(pc.less(positions, first_bad), True),
-            )
-            moved = pa.table(
-                {
-                    "aggregate_id": batch["aggregate_id"],
-                    "next_version": out["next_version"],
-                    "kind": out["kind"],
-                    "first_bad": pc.coalesce(out["broken_at"], first_bad),
-                    "ok": ok,
-                }
-            )
-            connection.register(_BATCH, moved)
-            try:
-                connection.execute(_MOVE)
-            finally:
-                connection.unregister(_BATCH)
-        return self._split(good, batch, out, ok)
-
-    @staticmethod
-    def _split(good: pa.Table, batch: pa.Table, out: pa.Table, ok: pa.ChunkedArray) -> Verdict:
-        count = good.num_rows
-        index = batch["_i"].to_numpy()
-        keep = ok.to_numpy(zero_copy_only=False) & (index < count)
-        order = index[keep]  # rows of `good`, in source order
-        versions = out["next_version"].filter(pa.array(keep))
-        placed = good.take(pa.array(order))
-        placed = placed.set_column(
-            placed.schema.get_field_index("version"), "version", versions.cast(pa.int64())
+        count, total = good.num_rows, good.num_rows + streamed.num_rows
+        if total == 0:
+            return Verdict(good, good.slice(0, 0), [], [])
+        names = ["source_position", "aggregate_id", "aggregate_type", "version"]
+        rows = good.select(names)
+        if streamed.num_rows:
+            rows = pa.concat_tables([rows, streamed.select(names)])
+        hashes = self._query(
+            _HASHES,
+            rows.select(["source_position", "aggregate_id", "aggregate_type"]).append_column(
+                "_i", pa.array(np.arange(total))
+            ),
         )
-        refused_at = ~ok.to_numpy(zero_copy_only=False) & (index < count)
-        if not refused_at.any():
+        order = hashes["_i"].to_numpy()
+        key_s = hashes["k"].to_numpy()
+        kind_s = hashes["t"].to_numpy()
+        kinds, where = np.unique(kind_s, return_index=True)  # a few aggregate_types: for messages
+        names = rows["aggregate_type"].take(pa.array(order[where])).to_pylist()
+        self._names.update(zip(kinds.tolist(), names, strict=True))
+        position = rows["source_position"].to_numpy()
+        version = rows["version"].to_numpy(zero_copy_only=False)  # float, NaN where null
+        refused = np.arange(total) >= count
+        starts = np.ones(total, dtype=bool)
+        starts[1:] = key_s[1:] != key_s[:-1]
+        group = np.cumsum(starts) - 1
+        first = np.flatnonzero(starts)
+        rank = np.arange(total) - first[group] + 1
+        streams = key_s[first]
+        head, stream_kind, broken = self._look_up(streams, rows, order[first], kind_s[first])
+        expected = head[group] + rank
+        problem = np.zeros(total, np.int8)
+        given = version[order]
+        has = ~np.isnan(given)
+        for code, where in (
+            (_GAP, has & (given > expected)),
+            (_DUPLICATE, has & (given < expected)),
+            (_TYPE, kind_s != stream_kind[group]),
+            (_BROKEN, broken[group] != _NONE),
+            (_REFUSED, refused[order]),
+        ):
+            problem[where] = code
+        at = np.where(problem > 0, position[order], _NONE)
+        first_bad = np.minimum.reduceat(at, first)
+        ok_s = (problem == 0) & (position[order] < first_bad[group])
+        self._move(
+            streams,
+            head + np.add.reduceat(ok_s.astype(np.int64), first),
+            stream_kind,
+            np.minimum(broken, first_bad),
+        )
+        ok = np.empty(total, dtype=bool)
+        ok[order] = ok_s
+        versions = np.empty(total, np.int64)
+        versions[order] = expected
+        keep = ok[:count]
+        if keep.all():  # the usual case: no copy of the batch
+            placed = _with_versions(good, versions[:count])
             return Verdict(placed, good.slice(0, 0), [], [])
-        rows = np.flatnonzero(refused_at)
-        refused = good.take(pa.array(index[rows]))
-        details = out.take(pa.array(rows)).to_pylist()
+        placed = _with_versions(good.filter(pa.array(keep)), versions[:count][keep])
+        back = np.empty(total, np.int64)
+        back[order] = np.arange(total)  # row -> its place in the sorted order
+        out = np.flatnonzero(~keep)
+        details = [
+            {
+                "problem": int(problem[back[i]]),
+                "expected": int(expected[back[i]]),
+                "broken_at": int(broken[group[back[i]]]),
+                "first_bad": int(first_bad[group[back[i]]]),
+                "kind": self._names.get(int(stream_kind[group[back[i]]])),
+            }
+            for i in out
+        ]
+        refused_rows = good.take(pa.array(out))
         reasons: list[str] = []
         heads: list[int | None] = []
-        for row, detail in zip(refused.to_pylist(), details, strict=True):
+        for row, detail in zip(refused_rows.to_pylist(), details, strict=True):
             reason, conflict = _reason(row, detail)
             reasons.append(reason)
-            heads.append(int(str(detail["next_version"])) - 1 if conflict else None)
-        return Verdict(placed, refused, reasons, heads)
+            heads.append(int(str(detail["expected"])) - 1 if conflict else None)
+        return Verdict(placed, refused_rows, reasons, heads)
+
+    def _look_up(
+        self, streams: np.ndarray, rows: pa.Table, firsts: np.ndarray, first_kinds: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Head, aggregate_type hash and broken position of each stream (sorted keys)."""
+        count = len(streams)
+        at = np.searchsorted(self._keys, streams)
+        known = at < len(self._keys)
+        known[known] = self._keys[at[known]] == streams[known]
+        head = np.zeros(count, np.int64)
+        kinds = first_kinds.copy()
+        broken = np.full(count, _NONE, np.int64)
+        head[known] = self._heads[at[known]]
+        kinds[known] = self._kinds[at[known]]
+        broken[known] = self._broken[at[known]]
+        if self._stored and not known.all():
+            new = rows["aggregate_id"].take(pa.array(firsts[~known]))
+            stored = self._query(_STORED, pa.table({"aggregate_id": new}))
+            if stored.num_rows:
+                found = np.searchsorted(streams, stored["k"].to_numpy())
+                head[found] = stored["head"].to_numpy()
+                kinds[found] = stored["t"].to_numpy()
+                for t, name in zip(
+                    stored["t"].to_pylist(), stored["kind"].to_pylist(), strict=True
+                ):
+                    self._names.setdefault(int(t), str(name))
+        return head, kinds, broken
+
+    def _move(
+        self, streams: np.ndarray, heads: np.ndarray, kinds: np.ndarray, broken: np.ndarray
+    ) -> None:
+        """Records the batch's streams at their new heads (new streams are inserted in order)."""
+        at = np.searchsorted(self._keys, streams)
+        known = at < len(self._keys)
+        known[known] = self._keys[at[known]] == streams[known]
+        self._heads[at[known]] = heads[known]
+        self._kinds[at[known]] = kinds[known]
+        self._broken[at[known]] = broken[known]
+        fresh = ~known
+        if fresh.any():
+            where = at[fresh]
+            self._keys = np.insert(self._keys, where, streams[fresh])
+            self._heads = np.insert(self._heads, where, heads[fresh])
+            self._kinds = np.insert(self._kinds, where, kinds[fresh])
+            self._broken = np.insert(self._broken, where, broken[fresh])
 
 
-def _reason(row: dict[str, object], detail: dict[str, object]) -> tuple[str, bool]:
+def _with_versions(table: pa.Table, versions: np.ndarray) -> pa.Table:
+    at = table.schema.get_field_index("version")
+    return table.set_column(at, "version", pa.array(versions, pa.int64()))
+
+
+def _reason(row: Mapping[str, object], detail: Mapping[str, object]) -> tuple[str, bool]:
     """Why a row cannot continue its stream, and whether that is a version conflict."""
     stream = row["aggregate_id"]
     problem = detail["problem"]
-    following = detail["broken_at"] if problem == "broken" else detail["first_bad"]
-    if problem in (None, "broken") or row["source_position"] != following:
+    following = detail["broken_at"] if problem == _BROKEN else detail["first_bad"]
+    if problem in (0, _BROKEN) or row["source_position"] != following:
         return (
             f"stream {stream!r} was broken at source position {following}, which is refused; "
             "its later events cannot continue it without a gap",
             False,
         )
-    if problem == "type":
+    if problem == _TYPE:
         return (
             f"field 'aggregate_type' is {row['aggregate_type']!r}, but stream {stream!r} is of "
             f"aggregate_type {detail['kind']!r}; a stream keeps one aggregate_type",
             False,
         )
-    expected = detail["next_version"]
-    if problem == "duplicate":
+    expected = detail["expected"]
+    if problem == _DUPLICATE:
         return (
             f"field 'version' is {row['version']}, which stream {stream!r} already has (a "
             f"duplicate); its next version is {expected}",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,10 +26,14 @@ import pyarrow.compute as pc
 from deltalake.transaction import AddAction
 from tqdm.auto import tqdm
 
-from esworkbench import _checks, _writes
-from esworkbench.errors import ConcurrencyError, EsWorkbenchError, InvalidEventError
+from esworkbench.errors import (
+    ConcurrencyError,
+    DuplicateEventError,
+    EsWorkbenchError,
+    InvalidEventError,
+)
 from esworkbench.events import EVENT_SCHEMA
-from esworkbench.sources import _streams
+from esworkbench.sources import _ids, _streams
 from esworkbench.store import Store
 
 __all__ = ["ImportResult", "OnError", "Reader", "SourceRewrittenError", "run_import"]
@@ -36,6 +41,7 @@ __all__ = ["ImportResult", "OnError", "Reader", "SourceRewrittenError", "run_imp
 OnError = Literal["fail", "quarantine"]
 _APP_PREFIX = "esworkbench-import:"
 _CHECKPOINTS = "imports.json"
+_REQUIRED = ("event_type", "aggregate_type", "aggregate_id", "data")
 
 
 class SourceRewrittenError(EsWorkbenchError):
@@ -116,22 +122,51 @@ class _Quarantine:
 
 
 def _split_errors(batch: pa.Table) -> tuple[pa.Table, pa.Table]:
-    bad = pc.is_valid(batch["error"])
+    errors = batch["error"]
+    if errors.null_count == len(errors):  # the usual case: no copy of the batch
+        return batch, batch.slice(0, 0)
+    bad = pc.is_valid(errors)
     return batch.filter(pc.invert(bad)), batch.filter(bad)
 
 
-def _checked(store: Store, rows: pa.Table, tz: str | None) -> tuple[pa.Table, pa.Table, list[str]]:
-    """Splits reader-good rows into store-good rows and rows the store's checks refuse."""
-    events = rows.drop_columns(["source_position", "error"])
-    bad = _checks.bad_rows(store._session, events, tz=tz)
-    if bad.num_rows == 0:
+def _incomplete(rows: pa.Table) -> tuple[pa.Table, pa.Table, list[str]]:
+    """A last guard behind the readers, which check every field: rows that lack a field the
+    store requires. Cheap whole-column tests; the readers' checks are the authority."""
+    missing: Any = None
+    reasons: list[Any] = []
+    for name in _REQUIRED:
+        column = rows[name]
+        absent = pc.is_null(column)
+        if pa.types.is_string(column.type):
+            absent = pc.or_kleene(absent, pc.equal(column, ""))
+        reasons.append((name, "is missing or empty", absent))
+    for name in ("version", "schema_version"):
+        reasons.append((name, "must be >= 1", pc.fill_null(pc.less(rows[name], 1), False)))
+    for _, _, absent in reasons:
+        missing = absent if missing is None else pc.or_(missing, absent)
+    if not pc.any(missing).as_py():
         return rows, rows.slice(0, 0), []
-    mask = pc.is_in(pa.array(range(rows.num_rows)), bad["_row"])
-    reasons = [
-        f"field {f!r} {r}"
-        for f, r in zip(bad["field"].to_pylist(), bad["reason"].to_pylist(), strict=True)
-    ]
-    return rows.filter(pc.invert(mask)), rows.filter(mask), reasons
+    at = np.flatnonzero(missing.to_numpy(zero_copy_only=False))
+    why = ["; ".join(f"field {n!r}: {r}" for n, r, a in reasons if a[int(i)].as_py()) for i in at]
+    return rows.filter(pc.invert(missing)), rows.take(pa.array(at)), why
+
+
+def _canonical(rows: pa.Table) -> pa.Table:
+    """Checked source rows as events: a new event_id and the time of the import where the
+    source has none (the readers have promoted ids and defaulted the rest)."""
+    ids = rows["event_id"]
+    if ids.null_count:
+        fresh = pa.array([str(uuid.uuid4()) for _ in range(ids.null_count)], pa.string())
+        ids = pc.replace_with_mask(ids.combine_chunks(), pc.is_null(ids).combine_chunks(), fresh)
+        rows = rows.set_column(rows.schema.get_field_index("event_id"), "event_id", ids)
+    recorded = rows["recorded_at"]
+    if recorded.null_count:
+        now = pa.scalar(datetime.now(UTC), recorded.type)
+        recorded = pc.fill_null(recorded, now)
+        occurred = pc.coalesce(rows["occurred_at"], recorded)
+        rows = rows.set_column(rows.schema.get_field_index("recorded_at"), "recorded_at", recorded)
+        rows = rows.set_column(rows.schema.get_field_index("occurred_at"), "occurred_at", occurred)
+    return rows
 
 
 def run_import(
@@ -140,7 +175,6 @@ def run_import(
     *,
     on_error: OnError = "fail",
     batch_size: int = 100_000,
-    tz: str | None = None,
     quarantine: str | os.PathLike[str] | None = None,
 ) -> ImportResult:
     """Imports every source row past the last checkpoint; see the module docstring.
@@ -163,11 +197,16 @@ def run_import(
         after = store.app_version(app_id) or 0
         _check_not_rewritten(store, reader, app_id)
         staged: list[AddAction] = []
-        continuity = _streams.Continuity(store._session)
         progress: Any = None
         imported, last = 0, after
         last_event_id: str | None = None
         head = store.head_position()
+        continuity = _streams.Continuity(store._session, stored=head > 0)
+        ids = _ids.EventIds(
+            store._session,
+            stored=head > 0,
+            staged=lambda: [str(store.table_path / a.path) for a in staged],
+        )
         try:
             progress = tqdm(
                 desc=f"import {reader.key}", unit="event", unit_scale=True, disable=None
@@ -180,28 +219,22 @@ def run_import(
                 at_last = batch.filter(pc.equal(batch["source_position"], last))["event_id"]
                 last_event_id = at_last[0].as_py() if len(at_last) else None
                 good, bad = _split_errors(batch)
-                good, refused, reasons = _checked(store, good, tz)
-                reasons = bad["error"].to_pylist() + reasons
-                bad = pa.concat_tables([bad, refused])
+                good, refused, reasons = _incomplete(good)
+                good, repeated, repeats = ids.screen(good)
+                duplicates = bad.num_rows + refused.num_rows
+                reasons = bad["error"].to_pylist() + reasons + repeats
+                bad = pa.concat_tables([bad, refused, repeated])
                 verdict = continuity.judge(good, bad)
                 good = verdict.good
                 if on_error == "fail" and (bad.num_rows or verdict.refused.num_rows):
-                    raise _first_error(reader.key, bad, reasons, verdict)
+                    raise _first_error(reader.key, bad, reasons, verdict, duplicates)
                 if bad.num_rows or verdict.refused.num_rows:
                     quarantined.write(
                         pa.concat_tables([bad, verdict.refused]), reasons + verdict.reasons
                     )
                 if good.num_rows == 0:
                     continue
-                events, _ = _checks.canonical_batch(
-                    good.drop_columns(["source_position", "error"]),
-                    store._session,
-                    tz=tz,
-                    checked=True,
-                )
-                paths = [str(store.table_path / a.path) for a in staged]
-                _writes.find_stored(store._session, events, paths)
-                placed = _placed(events, head)
+                placed = _placed(_canonical(good), head)
                 staged += store._stage(placed)
                 head += placed.num_rows
                 imported += placed.num_rows
@@ -213,7 +246,6 @@ def run_import(
                     (store.table_path / action.path).unlink()
             raise
         finally:
-            continuity.close()
             if progress is not None:
                 progress.close()
             quarantined.close()
@@ -236,9 +268,13 @@ def _placed(events: pa.Table, head_position: int) -> pa.Table:
 
 
 def _first_error(
-    key: str, bad: pa.Table, reasons: list[str], verdict: _streams.Verdict
-) -> InvalidEventError | ConcurrencyError:
-    """The error of a failing import: the refused row with the lowest source position."""
+    key: str, bad: pa.Table, reasons: list[str], verdict: _streams.Verdict, duplicates: int
+) -> EsWorkbenchError:
+    """The error of a failing import: the refused row with the lowest source position.
+
+    ``bad`` holds rows with a bad field, then (from row ``duplicates`` on) rows whose event_id
+    repeats one; ``verdict.refused`` the rows that cannot continue their streams.
+    """
     positions = bad["source_position"].to_pylist() + verdict.refused["source_position"].to_pylist()
     reasons = reasons + verdict.reasons
     heads: list[int | None] = [None] * bad.num_rows
@@ -257,6 +293,8 @@ def _first_error(
             expected=int(row["version"]) - 1,
             actual=head,
         )
+    if duplicates <= at < bad.num_rows:
+        return DuplicateEventError(message, event_id=str(bad["event_id"][at].as_py()))
     return InvalidEventError(message, index=positions[at])
 
 
