@@ -22,6 +22,7 @@ import duckdb
 import pyarrow as pa
 
 from esworkbench import __version__
+from esworkbench._cli_replay import asof_command, replay_command
 from esworkbench._output import FORMATS, Format, write
 from esworkbench.attach import AttachedLake, attach
 from esworkbench.errors import EsWorkbenchError, InvalidEventError
@@ -401,6 +402,9 @@ def demo(directory: Path, events: int, seed: int) -> None:
     seconds = time.perf_counter() - started
     click.echo(f"Wrote {_plural(written, 'event')} to {store.path} in {seconds:.1f}s")
 
+
+main.add_command(replay_command)
+main.add_command(asof_command)
 
 # click turns the commands into objects that doctest does not search; their examples still run.
 __test__ = {name: command.callback for name, command in {"esw": main, **main.commands}.items()}
