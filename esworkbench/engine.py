@@ -390,52 +390,54 @@ def _fold_chunk_in_worker(batch: pa.RecordBatch) -> list[Row]:
 def fold_chunk(folder: Folder, batch: pa.RecordBatch | pa.Table) -> list[Row]:
     """Folds a chunk of whole streams sorted by (aggregate_id, version); one row per stream."""
     events = decode_events(batch, folder.aggregate)
+    if not events:
+        return []
     recorded = pc.cast(batch.column("recorded_at"), pa.int64()).to_pylist()
+    ids = batch.column("aggregate_id")
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    # Where each stream starts, found by Arrow: the Python loop below only runs the fold.
+    changed = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))
+    starts = (np.flatnonzero(changed.to_numpy(zero_copy_only=False)) + 1).tolist()
+    bounds = list(zip([0, *starts], [*starts, len(events)], strict=True))
+    rows: list[Row] = []
     if folder.simple:
-        return _fold_simple(folder, events, recorded)
-    rows: list[Row] = []
-    cursor = folder.start()
-    current: str | None = None
-    version = last = 0
-    for i, event in enumerate(events):
-        if event.aggregate_id != current:
-            if current is not None:
-                rows.append((current, version, last, cursor.state))
-            current, cursor = event.aggregate_id, folder.start()
-        folder.apply(cursor, event)
-        version, last = event.version, recorded[i]
-    if current is not None:
-        rows.append((current, version, last, cursor.state))
+        _fold_simple(folder, events, bounds, recorded, rows)
+        return rows
+    for first, end in bounds:
+        cursor = folder.start()
+        for event in events[first:end]:
+            folder.apply(cursor, event)
+        last = events[end - 1]
+        rows.append((last.aggregate_id, last.version, recorded[end - 1], cursor.state))
     return rows
 
 
-def _fold_simple(folder: Folder, events: list[Event], recorded: list[int]) -> list[Row]:
+def _fold_simple(
+    folder: Folder,
+    events: list[Event],
+    bounds: list[tuple[int, int]],
+    recorded: list[int],
+    rows: list[Row],
+) -> None:
     """The hot loop for folds of handlers only: no declared fields, unknown types ignored."""
-    on, start = folder.on, folder.aggregate.start
-    rows: list[Row] = []
-    current: str | None = None
-    state: Any = None
-    version = last = 0
-    event: Event | None = None
+    on_get, start = folder.on.get, folder.aggregate.start
+    handlers = [on_get(event.event_type) for event in events]
+    first = end = 0
     try:
-        for i, event in enumerate(events):
-            if event.aggregate_id != current:
-                if current is not None:
-                    rows.append((current, version, last, state))
-                current, state = event.aggregate_id, start()
-            handler = on.get(event.event_type)
-            if handler is not None:
-                state = handler(state, event)
-            version, last = event.version, recorded[i]
+        for first, end in bounds:
+            state = start()
+            for handler, event in zip(handlers[first:end], events[first:end], strict=True):
+                if handler is not None:
+                    state = handler(state, event)
+            last = events[end - 1]
+            rows.append((last.aggregate_id, last.version, recorded[end - 1], state))
     except Exception:
-        # Replays the failing stream's last event through the checked path for the error.
-        assert event is not None
-        cursor = Cursor(state, [])
-        folder.apply(cursor, event)
+        # Folds the failing stream again through the checked path, which names the event.
+        cursor = folder.start()
+        for event in events[first:end]:
+            folder.apply(cursor, event)
         raise
-    if current is not None:
-        rows.append((current, version, last, state))
-    return rows
 
 
 def _whole_streams(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
