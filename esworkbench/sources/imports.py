@@ -15,6 +15,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -121,6 +122,46 @@ class _Quarantine:
             self._file.close()
 
 
+class _Stager:
+    """Writes placed batches as staged files in a worker thread, one batch at a time, while the
+    next batch is read and checked (sorting and Parquet encoding leave the GIL)."""
+
+    def __init__(self, store: Store) -> None:
+        self.done: list[AddAction] = []
+        self._store = store
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esw-stage")
+        self._pending: Future[list[AddAction]] | None = None
+
+    def submit(self, placed: pa.Table) -> None:
+        """Stages a batch once the one before it is written (so at most one is held)."""
+        self.wait()
+        self._pending = self._pool.submit(self._store._stage, placed)
+
+    def wait(self) -> list[AddAction]:
+        """Every file staged so far, once the batch being written is written."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self.done += pending.result()
+        return self.done
+
+    def paths(self) -> list[str]:
+        """The staged files, as absolute paths."""
+        return [str(self._store.table_path / a.path) for a in self.wait()]
+
+    def close(self) -> None:
+        """Lets the worker thread go."""
+        self._pool.shutdown(wait=True)
+
+    def discard(self) -> None:
+        """Removes every staged file (after a failure): none was committed."""
+        with contextlib.suppress(BaseException):
+            self.wait()
+        self._pool.shutdown(wait=True)
+        for action in self.done:
+            with contextlib.suppress(OSError):
+                (self._store.table_path / action.path).unlink()
+
+
 def _split_errors(batch: pa.Table) -> tuple[pa.Table, pa.Table]:
     errors = batch["error"]
     if errors.null_count == len(errors):  # the usual case: no copy of the batch
@@ -196,7 +237,7 @@ def run_import(
         store._bind()
         after = store.app_version(app_id) or 0
         _check_not_rewritten(store, reader, app_id)
-        staged: list[AddAction] = []
+        stager = _Stager(store)
         progress: Any = None
         imported, last = 0, after
         last_event_id: str | None = None
@@ -205,7 +246,7 @@ def run_import(
         ids = _ids.EventIds(
             store._session,
             stored=head > 0,
-            staged=lambda: [str(store.table_path / a.path) for a in staged],
+            staged=stager.paths,
         )
         try:
             progress = tqdm(
@@ -235,17 +276,17 @@ def run_import(
                 if good.num_rows == 0:
                     continue
                 placed = _placed(_canonical(good), head)
-                staged += store._stage(placed)
+                stager.submit(placed)
                 head += placed.num_rows
                 imported += placed.num_rows
+            staged = stager.wait()
             if last > after:
                 store._commit_actions(staged, app=(app_id, last))
         except BaseException:
-            for action in staged:
-                with contextlib.suppress(OSError):
-                    (store.table_path / action.path).unlink()
+            stager.discard()
             raise
         finally:
+            stager.close()
             if progress is not None:
                 progress.close()
             quarantined.close()
