@@ -54,6 +54,29 @@ COLUMNS: Final = (
     "user_id",
 )
 SELECT_COLUMNS: Final = ", ".join(COLUMNS)
+# What the every-stream engine reads up front. Strings such as metadata and event_id cost five
+# times the rest to read and sort; a fold that asks for one gets it read and its chunk refolded.
+EAGER: Final = (
+    "aggregate_id",
+    "version",
+    "event_type",
+    "data",
+    "schema_version",
+    "position",
+    "recorded_at",
+    "occurred_at",
+)
+
+
+class MissingColumn(BaseException):
+    """A fold asked for a column the engine did not read: the engine reads it and folds again.
+
+    A BaseException, so that a handler's own ``except Exception`` does not swallow it.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
 
 
 class Source(Protocol):
@@ -90,6 +113,8 @@ class _Rows:
     def column(self, name: str) -> list[Any]:
         values = self._lists.get(name)
         if values is None:
+            if name not in self._batch.schema.names:
+                raise MissingColumn(name)
             array = self._batch.column(name)
             if pa.types.is_timestamp(array.type):
                 array = array.cast(pa.int64())
@@ -498,22 +523,34 @@ def fold_all(
     args = [aggregate.name, *(params or [])]
     ranges = _ranges(source, where, args, chunk_events)
     count = sum(n for _, _, n in ranges)
-    query = (
-        f"SELECT {SELECT_COLUMNS} FROM events WHERE aggregate_type = ? AND ({where}) "
-        "AND aggregate_id BETWEEN ? AND ? ORDER BY aggregate_id, version"
-    )
-    # One sorted query per range of streams: DuckDB never sorts more than a chunk at once, and
-    # the files' aggregate_id statistics let it skip the row groups outside the range.
-    chunks = (source.sql(query, [*args, lo, hi]).to_arrow_table() for lo, hi, _ in ranges)
+    columns = list(EAGER)
+
+    def read(lo: str, hi: str) -> pa.Table:
+        # One sorted query per range of streams: DuckDB never sorts more than a chunk at once,
+        # and the files' aggregate_id statistics let it skip row groups outside the range.
+        query = (
+            f"SELECT {', '.join(columns)} FROM events WHERE aggregate_type = ? AND ({where}) "
+            "AND aggregate_id BETWEEN ? AND ? ORDER BY aggregate_id, version"
+        )
+        return source.sql(query, [*args, lo, hi]).to_arrow_table()
+
+    folder = Folder(aggregate)
+
+    def here(lo: str, hi: str) -> list[Row]:
+        while True:
+            try:
+                return fold_chunk(folder, read(lo, hi))
+            except MissingColumn as missing:
+                columns.append(missing.name)
+
     workers = _workers(workers, count)
     rows: list[Row] = []
     disable = None if progress is None else not progress
     with tqdm(total=count, unit="event", desc=f"replay {aggregate.name}", disable=disable) as bar:
         if workers <= 1:
-            folder = Folder(aggregate)
-            for chunk in chunks:
-                rows.extend(fold_chunk(folder, chunk))
-                bar.update(chunk.num_rows)
+            for lo, hi, size in ranges:
+                rows.extend(here(lo, hi))
+                bar.update(size)
             return rows
         payload = cloudpickle.dumps(aggregate)
         # fork, not spawn: spawn re-imports a script's __main__ in every worker. The children
@@ -526,13 +563,24 @@ def fold_all(
             warnings.filterwarnings(
                 "ignore", "This process .* is multi-threaded", DeprecationWarning
             )
-            pending: list[tuple[Future[list[Row]], int]] = []
-            for chunk in chunks:
-                pending.append((pool.submit(_fold_chunk_in_worker, chunk), chunk.num_rows))
+            pending: list[tuple[Future[list[Row]], Range]] = []
+
+            def collect() -> None:
+                future, (lo, hi, size) = pending.pop(0)
+                try:
+                    rows.extend(future.result())
+                except MissingColumn as missing:
+                    if missing.name not in columns:
+                        columns.append(missing.name)
+                    rows.extend(here(lo, hi))
+                bar.update(size)
+
+            for lo, hi, size in ranges:
+                pending.append((pool.submit(_fold_chunk_in_worker, read(lo, hi)), (lo, hi, size)))
                 while len(pending) > 2 * workers:  # bounded: at most a few chunks in flight
-                    rows.extend(_collect(pending.pop(0), bar))
-            for item in pending:
-                rows.extend(_collect(item, bar))
+                    collect()
+            while pending:
+                collect()
     return rows
 
 
@@ -555,13 +603,6 @@ def _ranges(source: Source, where: str, args: list[Any], chunk_events: int) -> l
         (ids[int(a)].as_py(), ids[int(b) - 1].as_py(), int(sizes[a:b].sum()))
         for a, b in zip(starts, stops, strict=True)
     ]
-
-
-def _collect(item: tuple[Future[list[Row]], int], bar: Any) -> list[Row]:
-    future, size = item
-    result = future.result()
-    bar.update(size)
-    return result
 
 
 def _workers(workers: int | None, events: int) -> int:

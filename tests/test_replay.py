@@ -286,3 +286,31 @@ def test_results_do_not_depend_on_file_layout_or_compaction(tmp_path: Path) -> N
     )
     many.compact()
     assert esw.as_of(many, DECLARED).equals(before)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_column_reaches_a_fold_of_every_stream(tmp_path: Path, workers: int) -> None:
+    store = esw.open_store(tmp_path / "s")
+    store.append_batch(
+        [
+            {
+                "aggregate_id": f"acc-{i % 7}",
+                "aggregate_type": "Account",
+                "event_type": "Touched",
+                "data": {"n": i},
+                "metadata": {"userId": f"user-{i}", "correlationId": f"c-{i}", "note": i},
+                "timestamp": T0 + timedelta(seconds=i),
+            }
+            for i in range(60)
+        ]
+    )
+
+    def touch(state: list[Any], event: esw.Event) -> list[Any]:
+        seen = (event.user_id, event.correlation_id, event.causation_id, event.metadata["note"])
+        return [*state, (event.event_id, event.aggregate_type, event.position, *seen)]
+
+    fold = esw.Aggregate("Account", initial=[], on={"Touched": touch})
+    frame = esw.as_of(store, fold, workers=workers, progress=False)
+    for aggregate_id, state in zip(frame["aggregate_id"], frame["state"], strict=True):
+        assert state == esw.replay(store, fold, aggregate_id)
+        assert state[0][3] is not None
