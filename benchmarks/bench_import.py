@@ -1,16 +1,20 @@
 """Import rates and peak memory: JSON Lines, Parquet and PostgreSQL (common schema) into a store.
 
-Each import runs in its own process, so its peak RSS is its own. The events come from
+Each import runs in its own process, so its peak RSS is its own; each is run ``--runs`` times
+and the table shows the median rate and time and the highest peak RSS. The events come from
 ``esworkbench.demo.generate``; the files are written by esworkbench's exporters and the
 PostgreSQL table by COPY. Usage::
 
-    .venv/bin/python benchmarks/bench_import.py --events 1000000 5000000
+    .venv/bin/python benchmarks/bench_import.py --events 1000000 5000000 --runs 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,19 +28,20 @@ TABLE = "bench_import_events"
 _CHILD = """
 import json, resource, sys, time
 import esworkbench as esw
-store_path, source, table = sys.argv[1], sys.argv[2], sys.argv[3] or None
+store_path, source, table, size = sys.argv[1], sys.argv[2], sys.argv[3] or None, sys.argv[4]
 store = esw.open_store(store_path)
+options = {"batch_size": int(size)} if size else {}
 started = time.perf_counter()
-result = esw.import_events(store, source, table=table, batch_size=100_000)
+result = esw.import_events(store, source, table=table, **options)
 seconds = time.perf_counter() - started
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"imported": result.imported, "seconds": seconds, "peak_rss_mb": rss}))
 """
 
 
-def run_child(store: Path, source: str, table: str = "") -> dict[str, float]:
+def run_child(store: Path, source: str, table: str, batch_size: str) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(store), source, table],
+        [sys.executable, "-c", _CHILD, str(store), source, table, batch_size],
         check=True,
         capture_output=True,
         text=True,
@@ -82,8 +87,11 @@ def stage(events: int, work: Path) -> tuple[Path, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, nargs="+", default=[1_000_000])
+    parser.add_argument("--runs", type=int, default=3, help="imports per source (median)")
+    parser.add_argument("--batch-size", default="", help="default: import_events' own")
     args = parser.parse_args()
-    print("| events | source | events/s | seconds | peak RSS MB |")
+    print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print("| events | source | events/s (median) | seconds (median) | peak RSS MB (max) |")
     print("| ---: | --- | ---: | ---: | ---: |")
     for events in args.events:
         with tempfile.TemporaryDirectory(dir=Path(__file__).parent / "stores") as folder:
@@ -94,12 +102,18 @@ def main() -> None:
                 ("Parquet", str(parquet), ""),
                 ("PostgreSQL (common schema, ADBC)", DSN, TABLE),
             ):
-                figures = run_child(work / f"store-{len(name)}", source, table)
-                assert figures["imported"] == events, figures
-                rate = events / figures["seconds"]
+                runs = []
+                for run in range(args.runs):
+                    store = work / f"store-{len(name)}-{run}"
+                    figures = run_child(store, source, table, args.batch_size)
+                    assert figures["imported"] == events, figures
+                    runs.append(figures)
+                    shutil.rmtree(store)
+                seconds = statistics.median(r["seconds"] for r in runs)
+                rss = max(r["peak_rss_mb"] for r in runs)
                 print(
-                    f"| {events:,} | {name} | {rate:,.0f} | {figures['seconds']:.1f} "
-                    f"| {figures['peak_rss_mb']:,.0f} |",
+                    f"| {events:,} | {name} | {events / seconds:,.0f} | {seconds:.1f} "
+                    f"| {rss:,.0f} |",
                     flush=True,
                 )
     with psycopg.connect(DSN, autocommit=True) as connection:
