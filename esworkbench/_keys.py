@@ -16,11 +16,12 @@ or the exact aggregate_id (here).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 from urllib.parse import unquote
 
 import numpy as np
@@ -106,13 +107,15 @@ def last_versions(rows: pa.Table, *, presorted: bool = False) -> pa.Table:
 
 
 class _Heads:
-    """Stream heads by key: sorted keys, with aligned aggregate_id, head and aggregate_type."""
+    """Stream heads by key: sorted keys, each with the stream's head, aggregate_type and the
+    slot of its aggregate_id (ids are kept in the order they were first seen)."""
 
     def __init__(self) -> None:
         self.keys: Keys = np.empty(0, np.uint64)
-        self.ids: pa.Array = pa.array([], pa.string())
+        self.slots = np.empty(0, np.int64)
         self.heads = np.empty(0, np.int64)
         self.kinds = np.empty(0, np.int32)
+        self.ids: pa.Array = pa.array([], pa.string())
         self.kind_names: list[str] = []
         self._kind_codes: dict[str, int] = {}
 
@@ -121,17 +124,21 @@ class _Heads:
         found = np.full(len(ids), _NONE, np.int64)
         if len(self.keys) == 0 or len(ids) == 0:
             return found
-        left, count = _ranges(self.keys, keys)
-        single = np.flatnonzero(count == 1)
+        order = np.argsort(keys)
+        start, count = _ranges(self.keys, keys[order])
+        left = np.empty(len(keys), np.int64)
+        counts = np.empty(len(keys), np.int64)
+        left[order], counts[order] = start, count
+        single = np.flatnonzero(counts == 1)
         if len(single):
             at = left[single]
-            same = pc.equal(self.ids.take(pa.array(at)), ids.take(pa.array(single)))
-            same_np = same.to_numpy(zero_copy_only=False)
-            found[single[same_np]] = at[same_np]
-        for row in np.flatnonzero(count > 1):  # a hash shared by several streams: rare
+            stored = self.ids.take(pa.array(self.slots[at]))
+            same = pc.equal(stored, ids.take(pa.array(single))).to_numpy(zero_copy_only=False)
+            found[single[same]] = at[same]
+        for row in np.flatnonzero(counts > 1):  # a hash shared by several streams: rare
             wanted = ids[int(row)].as_py()
-            for entry in range(int(left[row]), int(left[row] + count[row])):
-                if self.ids[entry].as_py() == wanted:
+            for entry in range(int(left[row]), int(left[row] + counts[row])):
+                if self.ids[int(self.slots[entry])].as_py() == wanted:
                     found[row] = entry
                     break
         return found
@@ -169,20 +176,13 @@ class _Heads:
         if len(new) == 0:
             return
         new = new[np.argsort(keys[new], kind="stable")]
-        place = np.searchsorted(self.keys, keys[new])
-        self.keys = np.insert(self.keys, place, keys[new])
-        self.heads = np.insert(self.heads, place, versions[new])
-        self.kinds = np.insert(self.kinds, place, kinds[new])
-        # Where each entry lands: old entries shift by the new ones inserted before them.
-        size = len(self.keys)
-        slots = place + np.arange(len(new))
-        is_new = np.zeros(size, dtype=bool)
-        is_new[slots] = True
-        source = np.empty(size, np.int64)
-        source[~is_new] = np.arange(size - len(new))
-        source[is_new] = np.arange(len(new)) + (size - len(new))
-        combined = pa.concat_arrays([self.ids, ids.take(pa.array(new))])
-        self.ids = combined.take(pa.array(source))
+        slots = np.arange(len(self.ids), len(self.ids) + len(new), dtype=np.int64)
+        self.keys, self.slots, self.heads, self.kinds = _merge_sorted(
+            self.keys,
+            keys[new],
+            [(self.slots, slots), (self.heads, versions[new]), (self.kinds, kinds[new])],
+        )
+        self.ids = pa.concat_arrays([self.ids, ids.take(pa.array(new))])
 
     def lookup(self, ids: pa.Array, keys: Keys) -> tuple[npt.NDArray[np.int64], pa.Array]:
         """Each stream's head (0 when unknown) and stored aggregate_type (null when unknown)."""
@@ -198,54 +198,69 @@ class _Heads:
 
 
 class _EventKeys:
-    """Sorted event keys, each with the number of the file that holds the event."""
+    """Event keys in a few sorted runs, each key with the number of the file holding the event.
+
+    A new file's keys make a new run; a run is merged into the one before it once that one is
+    no more than twice its size, so a commit costs about its own size, not the store's.
+    """
 
     def __init__(self) -> None:
-        self.keys: Keys = np.empty(0, np.uint64)
-        self.files = np.empty(0, np.int32)
+        self.runs: list[tuple[Keys, npt.NDArray[np.int32]]] = []
 
     def add(self, files: Sequence[tuple[Keys, int]]) -> None:
-        """Adds the keys of files, given with their numbers, in one merge."""
-        if not files:
+        """Adds the keys of files, given with their numbers, as one run."""
+        keys = np.concatenate([k for k, _ in files]) if files else np.empty(0, np.uint64)
+        if len(keys) == 0:
             return
-        keys = np.concatenate([k for k, _ in files])
         numbers = np.concatenate([np.full(len(k), n, np.int32) for k, n in files])
-        order = np.argsort(keys, kind="stable")
-        place = np.searchsorted(self.keys, keys[order])
-        self.keys = np.insert(self.keys, place, keys[order])
-        self.files = np.insert(self.files, place, numbers[order])
+        order = np.argsort(keys)
+        self.runs.append((keys[order], numbers[order]))
+        while len(self.runs) > 1 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
+            newer_keys, newer_files = self.runs.pop()
+            older_keys, older_files = self.runs.pop()
+            merged_keys, merged_files = _merge_sorted(
+                older_keys, newer_keys, [(older_files, newer_files)]
+            )
+            self.runs.append((merged_keys, merged_files))
 
     def files_hit(self, keys: Keys) -> set[int]:
         """Numbers of the files holding an event whose key is among ``keys``."""
-        if len(self.keys) == 0 or len(keys) == 0:
-            return set()
-        left, count = _ranges(self.keys, keys)
-        hit = np.flatnonzero(count)
-        files = {int(f) for f in np.unique(self.files[left[hit]])}
-        for row in hit[count[hit] > 1]:  # the same key in several entries: rare
-            files.update(int(f) for f in self.files[int(left[row]) : int(left[row] + count[row])])
+        files: set[int] = set()
+        if len(keys) == 0:
+            return files
+        ordered = np.sort(keys)
+        for run_keys, run_files in self.runs:
+            start, count = _ranges(run_keys, ordered)
+            hit = np.flatnonzero(count)
+            files.update(int(f) for f in np.unique(run_files[start[hit]]))
+            for row in hit[count[hit] > 1]:  # the same key in several entries: rare
+                first = int(start[row])
+                files.update(int(f) for f in run_files[first : first + int(count[row])])
         return files
 
 
-def _ranges(stored: Keys, keys: Keys) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """For each key, where its entries start in ``stored`` (sorted) and how many there are.
-
-    Looking up keys in sorted order keeps the search in cache (several times faster).
-    """
-    order = np.argsort(keys)
-    ordered = keys[order]
+def _ranges(stored: Keys, ordered: Keys) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """For each key of ``ordered`` (sorted), where its entries start in ``stored`` (sorted) and
+    how many there are. Sorted lookups keep the search in cache (several times faster)."""
     start = np.searchsorted(stored, ordered, "left")
+    if len(stored) == 0:
+        return start, np.zeros(len(ordered), np.int64)
     inside = np.minimum(start, len(stored) - 1)
     first_hit = (start < len(stored)) & (stored[inside] == ordered)
     count = first_hit.astype(np.int64)
     hit = np.flatnonzero(first_hit)
     if len(hit):
         count[hit] = np.searchsorted(stored, ordered[hit], "right") - start[hit]
-    left = np.empty(len(keys), np.int64)
-    counts = np.empty(len(keys), np.int64)
-    left[order] = start
-    counts[order] = count
-    return left, counts
+    return start, count
+
+
+def _merge_sorted(
+    keys: Keys, more: Keys, aligned: Sequence[tuple[npt.NDArray[Any], npt.NDArray[Any]]]
+) -> list[npt.NDArray[Any]]:
+    """Merges sorted ``more`` into sorted ``keys``, moving aligned arrays along; returns the
+    merged keys, then each merged aligned array."""
+    at = np.searchsorted(keys, more, "right")
+    return [np.insert(base, at, extra) for base, extra in [(keys, more), *aligned]]
 
 
 class KeyIndex:
@@ -253,6 +268,8 @@ class KeyIndex:
 
     The store calls :meth:`follow` with the log's files under its write lock; answers are
     brought up to date lazily, so a store that never appends a batch never builds the index.
+    After its own commit the store lets the index catch up in a thread, while the caller
+    prepares its next batch; every other call waits for that thread first.
 
     Examples:
         >>> import pyarrow as pa, tempfile
@@ -268,6 +285,8 @@ class KeyIndex:
         self._root = str(table_path) + os.sep
         self._wanted: list[str] = []
         self._staged: dict[str, FileKeys] = {}
+        self._pending: threading.Thread | None = None
+        self._failed = False
         self._reset()
 
     def _reset(self) -> None:
@@ -278,12 +297,14 @@ class KeyIndex:
         self._heads = _Heads()
         self._overlay: tuple[tuple[str, ...], _EventKeys, _Heads] | None = None
 
-    def follow(self, files: pa.Table) -> None:
+    def follow(self, files: pa.Table, *, background: bool = False) -> None:
         """Sets the files the answers must cover (the ``path`` column of the log's files).
 
         Notes of staged files that the log does not list are dropped: they belong to an
         append that failed, or to one being staged now, which registers them again.
+        ``background``: catch up in a thread (see :meth:`_wait`).
         """
+        self._wait()
         self._wanted = [unquote(p) for p in files["path"].to_pylist()] if files.num_rows else []
         listed = set(self._wanted)
         self._staged = {p: keys for p, keys in self._staged.items() if p in listed}
@@ -293,8 +314,27 @@ class KeyIndex:
                 self._staged.clear()  # the build will read these files instead
         elif any(path not in listed for path in self._paths):
             self._reset()  # a file left the log (compaction): build again when next asked
+        elif background:
+            self._pending = threading.Thread(target=self._sync_quietly, daemon=True)
+            self._pending.start()
         else:
             self._sync()  # keeps the notes few: adds what this process wrote, reads the rest
+
+    def _sync_quietly(self) -> None:
+        try:
+            self._sync()
+        except BaseException:  # the next synchronous call meets it again, and raises
+            self._failed = True
+
+    def _wait(self) -> None:
+        """Waits for a catch-up running in a thread; after a failed one, starts afresh."""
+        if self._pending is None:
+            return
+        self._pending.join()
+        self._pending = None
+        if self._failed:
+            self._failed = False
+            self._reset()
 
     def stage(self, relative_path: str, keys: FileKeys) -> None:
         """Notes what a written, not yet committed file holds, for when the log lists it."""
@@ -373,6 +413,7 @@ class KeyIndex:
 
         A file not returned certainly holds none of them.
         """
+        self._wait()
         self._sync()
         numbers = self._events.files_hit(event_keys)
         paths = [str(self.table_path / self._paths[n]) for n in sorted(numbers)]
@@ -385,6 +426,7 @@ class KeyIndex:
         self, ids: pa.Array, staged: Sequence[str] = ()
     ) -> tuple[npt.NDArray[np.int64], pa.Array]:
         """Head version (0: no events) and stored aggregate_type of each distinct stream."""
+        self._wait()
         self._sync()
         keys = hash_text(ids)
         heads, kinds = self._heads.lookup(ids, keys)
@@ -398,6 +440,7 @@ class KeyIndex:
 
     def knows(self, staged: Iterable[str]) -> bool:
         """Whether every one of these staged files was noted by :meth:`stage`."""
+        self._wait()
         return all(self._relative(p) in self._staged for p in staged)
 
 

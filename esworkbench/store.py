@@ -479,6 +479,7 @@ class Store:
             ) from exc
         self.refresh()
         _fsync_commit(self.table_path, self._table.version())
+        self._keys.follow(self._files, background=True)  # catches up while the caller goes on
 
     def app_version(self, app_id: str) -> int | None:
         """The last checkpoint an application (such as an importer) committed, if any.
