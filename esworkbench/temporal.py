@@ -11,13 +11,12 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from esworkbench import _foldsql
 from esworkbench.aggregates import Aggregate
-from esworkbench.errors import EsWorkbenchError, UnknownStreamError
-from esworkbench.events import TIMESTAMP
 from esworkbench.engine import (
     _EXACT,
     _PLAIN,
@@ -28,6 +27,9 @@ from esworkbench.engine import (
     fold_all,
     fold_events,
 )
+from esworkbench.errors import EsWorkbenchError, UnknownStreamError
+from esworkbench.events import TIMESTAMP
+from esworkbench.query import translate
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -136,6 +138,7 @@ def replay(
     at: object = None,
     valid_at: object = None,
     known_at: object = None,
+    snapshots: bool = False,
 ) -> Any:
     """The state of one stream: at its end, at ``version``, at instant ``at``, or bitemporal.
 
@@ -147,6 +150,9 @@ def replay(
         at: fold the events recorded by this instant (``recorded_at <= at``).
         valid_at: with ``known_at``: fold the events that took effect by this instant.
         known_at: the recorded-time bound of a bitemporal question (the same as ``at``).
+        snapshots: start from the nearest snapshot of this fold at or before the target
+            (:func:`esworkbench.snapshot`) and fold only the events after it; the answer is
+            the same. Off by default; bitemporal questions never use snapshots.
 
     Raises:
         UnknownStreamError: when the stream has no events.
@@ -173,7 +179,12 @@ def replay(
         known_at=known_at,
     )
     folder = Folder(aggregate)
-    return fold_events(folder, decode_events(table, aggregate)).state
+    cursor = None
+    if snapshots and valid_at is None:
+        from esworkbench.snapshots import resume
+
+        cursor, table = resume(source, aggregate, table, folder)
+    return fold_events(folder, decode_events(table, aggregate), cursor).state
 
 
 def as_of(
@@ -213,18 +224,30 @@ def as_of(
             "Hint: use engine='python', or declare every field with esw.last, esw.sum, ..."
         )
     if engine != "python" and compiles(aggregate):
-        query, args = _foldsql.compile_as_of(aggregate, where, params)
-        table = source.sql(query, args).to_arrow_table()
-        rows = _sql_rows(aggregate, table)
-    else:
-        rows = fold_all(source, aggregate, where, params, workers=workers, progress=progress)
-    return frame(rows, output)
+        upcasters = aggregate.upcasters
+        relation = upcasters.events_sql() if upcasters else "events"
+        query, args = _foldsql.compile_as_of(aggregate, where, params, relation)
+        try:
+            table = source.sql(query, args).to_arrow_table()
+        except duckdb.Error as exc:  # a relation runs lazily: its errors come here
+            raise translate(exc, query) from exc
+        fields = _foldsql.present_columns(aggregate, table)
+        constant = {k: [v] * table.num_rows for k, v in aggregate.start().items()}
+        return _frame(
+            table.column(0).to_pylist(),
+            table.column(1).to_pylist(),
+            pc.cast(table.column(2), pa.int64()),
+            {k: fields.get(k, v) for k, v in constant.items()},
+            output,
+        )
+    rows = fold_all(source, aggregate, where, params, workers=workers, progress=progress)
+    return frame(rows, output, initial=aggregate.start())
 
 
 def compiles(aggregate: Aggregate) -> bool:
     """Whether the SQL engine can answer this fold (declared, and upcasters in SQL if any)."""
     upcasters = aggregate.upcasters
-    return aggregate.declared and (upcasters is None or not upcasters)
+    return aggregate.declared and (upcasters is None or upcasters.sql_complete)
 
 
 def _sql_rows(aggregate: Aggregate, table: pa.Table) -> list[Row]:
@@ -236,22 +259,22 @@ def _sql_rows(aggregate: Aggregate, table: pa.Table) -> list[Row]:
     ]
 
 
-def frame(rows: Sequence[Row], output: Output = "pandas") -> pd.DataFrame | pl.DataFrame:
+def frame(
+    rows: Sequence[Row], output: Output = "pandas", *, initial: Any = None
+) -> pd.DataFrame | pl.DataFrame:
     """One row per stream: aggregate_id, version, last_event_at and the state's fields.
 
     Examples:
         >>> frame([("acc-1", 2, 0, {"balance": 5})]).columns.tolist()
         ['aggregate_id', 'version', 'last_event_at', 'balance']
     """
-    if output not in ("pandas", "polars"):
-        raise EsWorkbenchError(f"output={output!r} is not one of 'pandas', 'polars'")
     states = [row[3] for row in rows]
-    columns: dict[str, list[Any]] = {
-        "aggregate_id": [row[0] for row in rows],
-        "version": [row[1] for row in rows],
-    }
-    instants = pa.array([row[2] for row in rows], pa.int64()).cast(TIMESTAMP)
-    if states and all(isinstance(s, dict) for s in states):
+    ids = [row[0] for row in rows]
+    versions = [row[1] for row in rows]
+    instants = pa.array([row[2] for row in rows], pa.int64())
+    if not states and isinstance(initial, dict):
+        fields: dict[str, list[Any]] = {name: [] for name in initial}  # no stream: the columns
+    elif states and all(isinstance(s, dict) for s in states):
         names: dict[str, None] = {}
         for state in states:
             names.update(dict.fromkeys(state))
@@ -264,6 +287,21 @@ def frame(rows: Sequence[Row], output: Output = "pandas") -> pd.DataFrame | pl.D
         fields = {n: [s.get(n) for s in states] for n in names}
     else:
         fields = {"state": states}
+    return _frame(ids, versions, instants, fields, output)
+
+
+def _frame(
+    ids: list[str],
+    versions: list[int],
+    instants: pa.Array | pa.ChunkedArray,
+    fields: dict[str, list[Any]],
+    output: Output,
+) -> pd.DataFrame | pl.DataFrame:
+    """The result frame from its columns; both engines end here, so their frames are alike."""
+    if output not in ("pandas", "polars"):
+        raise EsWorkbenchError(f"output={output!r} is not one of 'pandas', 'polars'")
+    columns: dict[str, list[Any]] = {"aggregate_id": ids, "version": versions}
+    instants = instants.cast(TIMESTAMP)
     if output == "polars":
         import polars as pl
 
@@ -271,9 +309,12 @@ def frame(rows: Sequence[Row], output: Output = "pandas") -> pd.DataFrame | pl.D
         return pl.DataFrame(data, strict=False)
     import pandas as pd
 
-    result = pd.DataFrame(columns)
-    result["version"] = result["version"].astype("int64")
+    result = pd.DataFrame({"aggregate_id": pd.Series(ids, dtype=str)})
+    result["version"] = pd.Series(versions, dtype="int64")
     result["last_event_at"] = instants.to_pandas()
     for name, values in fields.items():
-        result[name] = pd.Series(values, dtype=object if not values else None)
+        column = pd.Series(values, dtype=object if not values else None)
+        if column.dtype != object and column.dtype.kind not in "mM" and None in values:
+            column = pd.Series(values, dtype=object)  # keep None as None, not NaN
+        result[name] = column
     return result
