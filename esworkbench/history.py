@@ -25,8 +25,6 @@ from esworkbench import _foldsql
 from esworkbench.aggregates import Aggregate
 from esworkbench.diffs import changes
 from esworkbench.engine import (
-    _EXACT,
-    _PLAIN,
     SELECT_COLUMNS,
     Folder,
     Source,
@@ -48,7 +46,11 @@ _FIXED: Final = ("aggregate_id", "version", "valid_from", "valid_to", *EVENT_COL
 
 @dataclass
 class Rows:
-    """Timeline rows gathered column by column (instants as microseconds since the epoch)."""
+    """Timeline rows gathered column by column (instants as microseconds since the epoch).
+
+    The Python engine gathers one state per row in ``state``; the SQL engine gives the state's
+    fields as ``columns`` instead (one list per field), which :meth:`states` turns into dicts.
+    """
 
     aggregate_id: list[str] = field(default_factory=list)
     version: list[int] = field(default_factory=list)
@@ -58,6 +60,17 @@ class Rows:
     events: dict[str, list[Any]] = field(
         default_factory=lambda: {name: [] for name in EVENT_COLUMNS}
     )
+    columns: dict[str, list[Any]] | None = None
+
+    def states(self) -> list[Any]:
+        """The state of each row."""
+        if self.columns is None:
+            return self.state
+        names = list(self.columns)
+        return [
+            dict(zip(names, values, strict=True))
+            for values in zip(*self.columns.values(), strict=True)
+        ]
 
 
 def fold_rows(folder: Folder, batch: pa.Table | pa.RecordBatch, rows: Rows) -> None:
@@ -86,19 +99,18 @@ def _sql_rows(source: Source, aggregate: Aggregate, where: str, params: list[Any
     relation = upcasters.events_sql() if upcasters else "events"
     query, args = _foldsql.compile_timeline(aggregate, where, params, relation)
     table = source.sql(query, args).to_arrow_table()
-    decode = (_EXACT if aggregate.decimals else _PLAIN).decode
-    rows = Rows(
+    fields = _foldsql.present_columns(aggregate, table)
+    size = table.num_rows
+    start = aggregate.start()  # a dict with every declared field, maybe more (initial's keys)
+    columns = {n: fields[n] if n in fields else [v] * size for n, v in start.items()}
+    return Rows(
         aggregate_id=table.column("aggregate_id").to_pylist(),
         version=table.column("version").to_pylist(),
         valid_from=pc.cast(table.column("recorded_at"), pa.int64()).to_pylist(),
         valid_to=pc.cast(table.column("valid_to"), pa.int64()).to_pylist(),
         events={name: table.column(name).to_pylist() for name in EVENT_COLUMNS},
+        columns=columns,
     )
-    columns = [c.to_pylist() for c in table.columns]
-    rows.state = [
-        _foldsql.present_sql(aggregate, row, decode) for row in zip(*columns, strict=True)
-    ]
-    return rows
 
 
 def _ranges(
@@ -201,22 +213,27 @@ def timeline(
     return frame(rows, aggregate.start(), output)
 
 
-def _fields(states: list[Any], initial: Any) -> dict[str, list[Any]]:
+def _fields(rows: Rows, initial: Any) -> dict[str, list[Any]]:
     """The state columns: one per key of dict states, else one ``state`` column."""
-    if not states:
-        return {n: [] for n in initial} if isinstance(initial, dict) else {"state": []}
-    if not all(isinstance(s, dict) for s in states):
-        return {"state": states}
-    names: dict[str, None] = {}
-    for state in states:
-        names.update(dict.fromkeys(state))
-    clash = [n for n in names if n in _FIXED]
+    states = rows.state
+    if rows.columns is not None:
+        fields = rows.columns
+    elif not states:
+        fields = {n: [] for n in initial} if isinstance(initial, dict) else {"state": []}
+    elif not all(isinstance(s, dict) for s in states):
+        fields = {"state": states}
+    else:
+        names: dict[str, None] = {}
+        for state in states:
+            names.update(dict.fromkeys(state))
+        fields = {n: [s.get(n) for s in states] for n in names}
+    clash = [n for n in fields if n in _FIXED]
     if clash:
         raise EsWorkbenchError(
             f"state field {clash[0]!r} clashes with a column of the timeline. "
             "Hint: rename the field in the fold"
         )
-    return {n: [s.get(n) for s in states] for n in names}
+    return fields
 
 
 def _instants(values: Iterable[int | None]) -> pa.Array:
@@ -234,7 +251,7 @@ def series(values: list[Any]) -> pd.Series[Any]:
 
 def frame(rows: Rows, initial: Any, output: Output) -> pd.DataFrame | pl.DataFrame:
     """The timeline frame of gathered rows (see :func:`timeline` for the columns)."""
-    fields = _fields(rows.state, initial)
+    fields = _fields(rows, initial)
     if output == "polars":
         import polars as pl
 

@@ -386,8 +386,8 @@ def _same_rows(sql: Rows, python: Rows) -> None:
     assert sql.valid_from == python.valid_from
     assert sql.valid_to == python.valid_to
     assert sql.events == python.events
-    assert len(sql.state) == len(python.state)
-    for left, right in zip(sql.state, python.state, strict=True):
+    assert len(sql.states()) == len(python.states())
+    for left, right in zip(sql.states(), python.states(), strict=True):
         assert left.keys() == right.keys()
         for name in left:
             _same_values([left[name]], [right[name]])
@@ -399,3 +399,20 @@ def test_python_engine_in_small_chunks(tmp_path: Path) -> None:
     chunked = _python_rows(store, HANDLERS, "true", [], chunk_events=1)
     assert chunked == whole
     assert whole.aggregate_id == ["acc-1"] * 4 + ["acc-2"] * 2
+
+
+def test_declared_fields_beside_other_initial_keys(tmp_path: Path) -> None:
+    store = bank(tmp_path)
+    fold = esw.Aggregate("Account", initial={"kind": "bank"}, fields={"n": esw.count()})
+    every = esw.timeline(store, fold)
+    assert every.columns.tolist()[:4] == ["aggregate_id", "version", "kind", "n"]
+    assert every["kind"].tolist() == ["bank"] * 6
+    assert every["n"].tolist() == [1, 2, 3, 4, 1, 2]
+    one = esw.timeline(store, fold, "acc-2")
+    assert one[["kind", "n"]].to_dict("records") == [
+        {"kind": "bank", "n": 1},
+        {"kind": "bank", "n": 2},
+    ]
+    nothing = esw.timeline(store, fold, until=at(0) - US)
+    assert len(nothing) == 0
+    assert nothing.columns.tolist()[:4] == ["aggregate_id", "version", "kind", "n"]
