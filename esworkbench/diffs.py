@@ -15,10 +15,14 @@ from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
+import duckdb
+import pyarrow as pa
+
 from esworkbench._foldsql import compile_as_of
 from esworkbench.aggregates import Aggregate
 from esworkbench.engine import Folder, Row, Source, decode_events, fold_all, fold_events
 from esworkbench.errors import EsWorkbenchError
+from esworkbench.query import translate
 from esworkbench.temporal import Output, _sql_rows, compiles, instant, read_events
 
 if TYPE_CHECKING:
@@ -29,6 +33,15 @@ __all__ = ["Diff", "PopulationDiff", "changes", "diff", "population_diff"]
 
 Point = int | datetime | str
 Changes = Mapping[str, tuple[Any, Any]]
+
+
+def fetch(source: Source, query: str, params: list[Any]) -> pa.Table:
+    """The result of a query as an Arrow table; DuckDB's errors (a relation runs lazily, so they
+    come while fetching) become QueryError."""
+    try:
+        return source.sql(query, params).to_arrow_table()
+    except duckdb.Error as exc:
+        raise translate(exc, query) from exc
 
 
 def same(old: Any, new: Any) -> bool:
@@ -253,7 +266,7 @@ def _rows(source: Source, aggregate: Aggregate, where: str, params: list[Any]) -
         upcasters = aggregate.upcasters
         relation = upcasters.events_sql() if upcasters else "events"
         query, args = compile_as_of(aggregate, where, params, relation)
-        return _sql_rows(aggregate, source.sql(query, args).to_arrow_table())
+        return _sql_rows(aggregate, fetch(source, query, args))
     return fold_all(source, aggregate, where, params)
 
 
@@ -294,11 +307,12 @@ def population_diff(
             f"after={after!r}. Hint: before='2024-01-01T00:00:00Z', after='2024-02-01T00:00:00Z'"
         )
     name = aggregate.name
-    existing = source.sql(
-        "SELECT count(DISTINCT aggregate_id) FROM events "
+    existing = fetch(
+        source,
+        "SELECT count(DISTINCT aggregate_id) AS n FROM events "
         "WHERE aggregate_type = ? AND recorded_at <= ?",
         [name, t1],
-    ).fetchall()[0][0]
+    )["n"][0].as_py()
     touched = (
         "recorded_at <= ? AND aggregate_id IN (SELECT aggregate_id FROM events "
         "WHERE aggregate_type = ? AND recorded_at > ? AND recorded_at <= ?)"

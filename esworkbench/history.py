@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from esworkbench import _foldsql
 from esworkbench.aggregates import Aggregate
-from esworkbench.diffs import changes
+from esworkbench.diffs import changes, fetch
 from esworkbench.engine import (
     SELECT_COLUMNS,
     Folder,
@@ -98,7 +98,7 @@ def _sql_rows(source: Source, aggregate: Aggregate, where: str, params: list[Any
     upcasters = aggregate.upcasters
     relation = upcasters.events_sql() if upcasters else "events"
     query, args = _foldsql.compile_timeline(aggregate, where, params, relation)
-    table = source.sql(query, args).to_arrow_table()
+    table = fetch(source, query, args)
     fields = _foldsql.present_columns(aggregate, table)
     size = table.num_rows
     start = aggregate.start()  # a dict with every declared field, maybe more (initial's keys)
@@ -117,11 +117,13 @@ def _ranges(
     source: Source, where: str, args: list[Any], chunk_events: int
 ) -> list[tuple[str, str]]:
     """Consecutive ranges of aggregate_ids (first, last) of about ``chunk_events`` events each."""
-    counts = source.sql(
-        f"SELECT aggregate_id, count(*) FROM events WHERE aggregate_type = ? AND ({where}) "
+    table = fetch(
+        source,
+        f"SELECT aggregate_id, count(*) AS n FROM events WHERE aggregate_type = ? AND ({where}) "
         "GROUP BY aggregate_id ORDER BY aggregate_id",
         args,
-    ).fetchall()
+    )
+    counts = list(zip(table["aggregate_id"].to_pylist(), table["n"].to_pylist(), strict=True))
     ranges: list[tuple[str, str]] = []
     first, size = None, 0
     for aggregate_id, events in counts:
@@ -151,7 +153,7 @@ def _python_rows(
     )
     folder, rows = Folder(aggregate), Rows()
     for first, last in _ranges(source, where, args, chunk_events):
-        fold_rows(folder, source.sql(query, [*args, first, last]).to_arrow_table(), rows)
+        fold_rows(folder, fetch(source, query, [*args, first, last]), rows)
     return rows
 
 

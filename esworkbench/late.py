@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from esworkbench.aggregates import Aggregate
-from esworkbench.diffs import changes
+from esworkbench.diffs import changes, fetch
 from esworkbench.engine import EPOCH, Folder, Source, decode_events, fold_events
 from esworkbench.errors import EsWorkbenchError
 from esworkbench.temporal import Output, instant, read_events
@@ -106,7 +106,7 @@ def late_events(
     else:
         outer = "AND aggregate_type = ?" if chosen else ""
         query = _LATE.format(inner="", partition="", outer=outer)
-    table = source.sql(query, [aggregate_type] if chosen else []).to_arrow_table()
+    table = fetch(source, query, [aggregate_type] if chosen else [])
     late_by = pc.cast(table.column("late_by"), pa.duration("us"))
     table = table.set_column(table.schema.get_field_index("late_by"), "late_by", late_by)
     if output == "polars":
