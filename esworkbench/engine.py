@@ -15,7 +15,9 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, localcontext
+from itertools import repeat
 from multiprocessing import get_context
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import cloudpickle  # type: ignore[import-untyped]
@@ -246,9 +248,8 @@ def decode_events(batch: pa.RecordBatch | pa.Table, aggregate: Aggregate) -> lis
     ids = rows.column("aggregate_id")
     versions = rows.column("version")
     event_types = rows.column("event_type")
-    events = [
-        Event(rows, i, ids[i], versions[i], event_types[i], datas[i]) for i in range(len(datas))
-    ]
+    count = len(datas)
+    events = list(map(Event, repeat(rows, count), range(count), ids, versions, event_types, datas))
     upcasters = aggregate.upcasters
     if upcasters is not None and upcasters:
         schema_versions = rows.column("schema_version")
@@ -447,12 +448,12 @@ def _fold_simple(
 ) -> None:
     """The hot loop for folds of handlers only: no declared fields, unknown types ignored."""
     on_get, start = folder.on.get, folder.aggregate.start
-    handlers = [on_get(event.event_type) for event in events]
+    handlers = list(map(on_get, map(attrgetter("event_type"), events)))
     first = end = 0
     try:
         for first, end in bounds:
             state = start()
-            for handler, event in zip(handlers[first:end], events[first:end], strict=True):
+            for handler, event in zip(handlers[first:end], events[first:end], strict=False):
                 if handler is not None:
                     state = handler(state, event)
             last = events[end - 1]
