@@ -234,7 +234,16 @@ def compile_timeline(
 def present_columns(aggregate: Aggregate, table: pa.Table) -> dict[str, list[Any]]:
     """The declared fields of a result (of :func:`compile_timeline` or :func:`compile_as_of`)
     column by column, as the Python engine would show them: :func:`present_sql` for a whole
-    table, with each JSON column decoded in one call."""
+    table, with each JSON column decoded in one call.
+
+    Examples:
+        >>> import pyarrow as pa, esworkbench as esw
+        >>> fold = esw.Aggregate("A", fields={"owner": esw.last("owner"), "n": esw.count()})
+        >>> table = pa.table({"aggregate_id": ["a"], "version": [1], "at": [0],
+        ...                   "owner": ['"Ann"'], "n": [1]})
+        >>> present_columns(fold, table)
+        {'owner': ['Ann'], 'n': [1]}
+    """
     decoder = msgspec.json.Decoder(float_hook=Decimal) if aggregate.decimals else _PLAIN
     fields: dict[str, list[Any]] = {}
     column = 3

@@ -37,7 +37,13 @@ Changes = Mapping[str, tuple[Any, Any]]
 
 def fetch(source: Source, query: str, params: list[Any]) -> pa.Table:
     """The result of a query as an Arrow table; DuckDB's errors (a relation runs lazily, so they
-    come while fetching) become QueryError."""
+    come while fetching) become QueryError.
+
+    Examples:
+        >>> import tempfile, esworkbench as esw
+        >>> fetch(esw.open_store(tempfile.mkdtemp()), "select ? as n", [7]).to_pylist()
+        [{'n': 7}]
+    """
     try:
         return source.sql(query, params).to_arrow_table()
     except duckdb.Error as exc:
@@ -45,7 +51,12 @@ def fetch(source: Source, query: str, params: list[Any]) -> pa.Table:
 
 
 def same(old: Any, new: Any) -> bool:
-    """Whether two values are equal (values that cannot be compared count as different)."""
+    """Whether two values are equal (values that cannot be compared count as different).
+
+    Examples:
+        >>> same(1, 1.0), same("a", "b")
+        (True, False)
+    """
     if old is new:
         return True
     try:
@@ -74,7 +85,13 @@ def changes(before: Any, after: Any) -> dict[str, tuple[Any, Any]]:
 
 
 def show(value: Any, width: int = 60) -> str:
-    """A value as a short line of text: decimals as written, instants in ISO 8601."""
+    """A value as a short line of text: decimals as written, instants in ISO 8601.
+
+    Examples:
+        >>> from decimal import Decimal
+        >>> show(Decimal("0.10")), show("open"), show("x" * 99, width=5)
+        ('0.10', "'open'", "'xxx…")
+    """
     if isinstance(value, Decimal):
         text = str(value)
     elif isinstance(value, datetime):
@@ -85,7 +102,12 @@ def show(value: Any, width: int = 60) -> str:
 
 
 def html_table(caption: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A small HTML table of values shown with :func:`show` (everything escaped)."""
+    """A small HTML table of values shown with :func:`show` (everything escaped).
+
+    Examples:
+        >>> html_table("t", ["field"], [["<b>"]]).split("<tbody>")[1]
+        '<tr><td>&#x27;&lt;b&gt;&#x27;</td></tr></tbody></table>'
+    """
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(show(v))}</td>" for v in row) + "</tr>" for row in rows
@@ -105,6 +127,15 @@ class Diff:
 
     ``before`` and ``after`` are the points as asked (a version, or an instant in UTC);
     ``before_version`` and ``after_version`` the versions they reached (0: no event yet).
+    :func:`diff` makes one.
+
+    Examples:
+        >>> change = Diff("acc-1", 1, 2, 1, 2, {"owner": ("Ann", "Bo")})
+        >>> print(change)
+        acc-1: version 1 → version 2
+          owner: 'Ann' → 'Bo'
+        >>> change.frame().to_dict("records")
+        [{'field': 'owner', 'before': 'Ann', 'after': 'Bo'}]
     """
 
     aggregate_id: str
@@ -220,7 +251,15 @@ class PopulationDiff:
     ``changed``/``unchanged``: streams that existed at ``before`` whose state differs or not at
     ``after``; ``fields``: per field, how many of the changed streams it changed in (most first);
     ``streams``: (aggregate_id, "appeared" or "changed", changed fields) for each stream that
-    appeared or changed (an appeared stream lists no fields).
+    appeared or changed (an appeared stream lists no fields). :func:`population_diff` makes one.
+
+    Examples:
+        >>> from datetime import datetime, UTC
+        >>> result = PopulationDiff("Account", datetime(2024, 1, 1, tzinfo=UTC),
+        ...     datetime(2024, 2, 1, tzinfo=UTC), 0, 1, 4, {"owner": 1},
+        ...     (("acc-1", "changed", ("owner",)),))
+        >>> result.frame().to_dict("records")
+        [{'aggregate_id': 'acc-1', 'change': 'changed', 'fields': ['owner']}]
     """
 
     aggregate_type: str

@@ -63,7 +63,12 @@ class Rows:
     columns: dict[str, list[Any]] | None = None
 
     def states(self) -> list[Any]:
-        """The state of each row."""
+        """The state of each row.
+
+        Examples:
+            >>> Rows(columns={"n": [1, 2]}).states()
+            [{'n': 1}, {'n': 2}]
+        """
         if self.columns is None:
             return self.state
         names = list(self.columns)
@@ -74,7 +79,18 @@ class Rows:
 
 
 def fold_rows(folder: Folder, batch: pa.Table | pa.RecordBatch, rows: Rows) -> None:
-    """Folds whole streams sorted by (aggregate_id, version), one row per event into ``rows``."""
+    """Folds whole streams sorted by (aggregate_id, version), one row per event into ``rows``.
+
+    Examples:
+        >>> import tempfile, esworkbench as esw
+        >>> store = esw.open_store(tempfile.mkdtemp())
+        >>> _ = store.append("a", [esw.NewEvent("Named", {"name": "x"})] * 2,
+        ...                  aggregate_type="Thing", expected_version=0)
+        >>> rows = Rows()
+        >>> fold_rows(Folder(esw.generic("Thing")), store.read_stream("a"), rows)
+        >>> rows.version, rows.state, rows.valid_to[-1]
+        ([1, 2], [{'name': 'x'}, {'name': 'x'}], None)
+    """
     events = decode_events(batch, folder.aggregate)
     recorded = pc.cast(batch.column("recorded_at"), pa.int64()).to_pylist()
     rows.events["event_type"].extend(e.event_type for e in events)  # as the fold saw it
@@ -244,7 +260,12 @@ def _instants(values: Iterable[int | None]) -> pa.Array:
 
 def series(values: list[Any]) -> pd.Series[Any]:
     """A pandas column of the fold's values. A column with nulls or with values of mixed types
-    keeps the Python objects as they are (pandas would turn ints into floats, None into NaN)."""
+    keeps the Python objects as they are (pandas would turn ints into floats, None into NaN).
+
+    Examples:
+        >>> series([1, None]).tolist(), str(series([1, 2]).dtype)
+        ([1, None], 'int64')
+    """
     import pandas as pd
 
     exact = not values or any(v is None for v in values) or len(set(map(type, values))) > 1
@@ -252,7 +273,12 @@ def series(values: list[Any]) -> pd.Series[Any]:
 
 
 def frame(rows: Rows, initial: Any, output: Output) -> pd.DataFrame | pl.DataFrame:
-    """The timeline frame of gathered rows (see :func:`timeline` for the columns)."""
+    """The timeline frame of gathered rows (see :func:`timeline` for the columns).
+
+    Examples:
+        >>> frame(Rows(), {"balance": 0}, "pandas").columns.tolist()[:3]
+        ['aggregate_id', 'version', 'balance']
+    """
     fields = _fields(rows, initial)
     if output == "polars":
         import polars as pl

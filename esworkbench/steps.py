@@ -31,6 +31,7 @@ class Step:
     """One event of a trace: the state before and after it, what changed, the time, any error.
 
     ``changes`` maps each changed field to (old, new); ``changed`` lists their names.
+    :func:`steps` makes them.
     ``after`` is ``before`` when the fold failed on the event; ``error`` then says why
     (``exception`` holds the :class:`~esworkbench.FoldError`, whose cause is the handler's own).
     """
