@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, Final
 
@@ -186,10 +187,20 @@ def canonical_batch(
     table = _coerce(events, tz)
     ids = table["event_id"]
     supplied = ids.null_count < table.num_rows
-    canonical_ids = pc.all(pc.match_substring_regex(ids, _CANONICAL_UUID)).as_py() is not False
-    with session._lock:
+    with session._lock, ThreadPoolExecutor(max_workers=1) as pool:
         connection = session.connection
-        if not checked and not _surely_good(connection, table, canonical_ids=canonical_ids):
+        # JSON validity (one DuckDB pass) runs on its own cursor beside the column checks and
+        # the promotion, which parse only rows that are valid or are refused below anyway.
+        valid_json = None if checked else pool.submit(_valid_json, connection, table)
+        canonical_ids = pc.all(pc.match_substring_regex(ids, _CANONICAL_UUID)).as_py() is not False
+        try:
+            promoted: dict[str, pa.Array] | None = _promoted(connection, table)
+        except duckdb.Error:
+            promoted = None  # malformed metadata: the exact query below names the row
+        good = valid_json is None or (
+            valid_json.result() and canonical_ids and promoted is not None and _plain(table)
+        )
+        if not good:
             query = _FIRST_BAD_ROW.format(uuid_rule="" if canonical_ids else _UUID_RULE)
             connection.register(BATCH, table)
             try:
@@ -203,21 +214,16 @@ def canonical_batch(
                     index=row,
                     field=field,
                 )
-        promoted = _promoted(connection, table)
+        if promoted is None:
+            promoted = _promoted(connection, table)
     out = _fill_defaults(table, promoted, canonical_ids)
     _refuse_repeats(session, out)
     return out, supplied
 
 
-def _surely_good(
-    connection: duckdb.DuckDBPyConnection, table: pa.Table, *, canonical_ids: bool
-) -> bool:
-    """Whether cheap column checks prove every row good; False means: ask the exact query.
-
-    Valid JSON whose text starts with ``{`` is an object, so one validity pass suffices.
-    """
-    if not canonical_ids:
-        return False
+def _plain(table: pa.Table) -> bool:
+    """Whether column checks prove every row good, given that all its JSON is valid; False
+    means: ask the exact query. Valid JSON whose text starts with ``{`` is an object."""
     for name in ("event_type", "aggregate_type", "aggregate_id"):
         column = table[name]
         if column.null_count or pc.any(pc.equal(column, "")).as_py():
@@ -227,15 +233,19 @@ def _surely_good(
         return False
     if pc.any(pc.invert(pc.starts_with(metadata, "{"))).as_py():
         return False
-    for name in ("version", "schema_version"):
-        if pc.any(pc.less(table[name], 1)).as_py():
-            return False
-    connection.register(BATCH, table.select(["data", "metadata"]))
+    return not any(
+        pc.any(pc.less(table[name], 1)).as_py() for name in ("version", "schema_version")
+    )
+
+
+def _valid_json(connection: duckdb.DuckDBPyConnection, table: pa.Table) -> bool:
+    """Whether every data and metadata text is valid JSON, on a cursor of its own."""
+    cursor = connection.cursor()
     try:
-        invalid = connection.execute(_VALID_JSON).fetchall()[0][0]
+        cursor.register(BATCH, table.select(["data", "metadata"]))
+        return bool(cursor.execute(_VALID_JSON).fetchall()[0][0] == 0)
     finally:
-        connection.unregister(BATCH)
-    return bool(invalid == 0)
+        cursor.close()
 
 
 def _promoted(connection: duckdb.DuckDBPyConnection, table: pa.Table) -> dict[str, pa.Array]:

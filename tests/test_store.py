@@ -230,6 +230,36 @@ def test_batch_from_arrow_refuses_bad_rows_with_their_index(store: esw.Store) ->
     assert store.sql("select count(*) from events").fetchall() == [(0,)]
 
 
+def test_batch_from_arrow_takes_what_the_cheap_checks_cannot_prove(store: esw.Store) -> None:
+    """Rows the column-wise fast path cannot vouch for go through the exact checks."""
+    batch = pa.table(
+        {
+            "aggregate_id": ["a", "b", "c"],
+            "aggregate_type": ["Account"] * 3,
+            "event_type": ["X"] * 3,
+            "data": [' {"padded": true}', "{}", "{}"],
+            "metadata": [
+                None,
+                '\n {"correlationId": "k-1"}',
+                '{"\\u0063ausationId": "c-1", "user_id": "u-1"}',
+            ],
+        }
+    )
+    assert store.append_batch(batch).events == 3
+    rows = store.sql(
+        "select aggregate_id, data, correlation_id, causation_id, user_id from events "
+        "order by aggregate_id"
+    ).fetchall()
+    assert rows == [
+        ("a", ' {"padded": true}', None, None, None),
+        ("b", "{}", "k-1", None, None),
+        ("c", "{}", None, "c-1", "u-1"),
+    ]
+    broken = batch.set_column(4, "metadata", pa.array([None, "{}", '{"userId": '], pa.string()))
+    with pytest.raises(esw.InvalidEventError, match=r"event 2: field 'metadata'"):
+        store.append_batch(broken)
+
+
 def test_batch_retry_is_a_no_op(store: esw.Store) -> None:
     events = [
         {
