@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from itertools import chain
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal
 
 import duckdb
@@ -268,26 +270,29 @@ def frame(
         >>> frame([("acc-1", 2, 0, {"balance": 5})]).columns.tolist()
         ['aggregate_id', 'version', 'last_event_at', 'balance']
     """
-    states = [row[3] for row in rows]
-    ids = [row[0] for row in rows]
-    versions = [row[1] for row in rows]
-    instants = pa.array([row[2] for row in rows], pa.int64())
+    ids, versions, micros, states = (list(map(itemgetter(i), rows)) for i in range(4))
+    instants = pa.array(micros, pa.int64())
     if not states and isinstance(initial, dict):
         fields: dict[str, list[Any]] = {name: [] for name in initial}  # no stream: the columns
-    elif states and all(isinstance(s, dict) for s in states):
-        names: dict[str, None] = {}
-        for state in states:
-            names.update(dict.fromkeys(state))
-        clash = [n for n in names if n in ("aggregate_id", "version", "last_event_at")]
-        if clash:
-            raise EsWorkbenchError(
-                f"state field {clash[0]!r} clashes with a column of the result. "
-                "Hint: rename the field in the fold"
-            )
-        fields = {n: [s.get(n) for s in states] for n in names}
+    elif (states and set(map(type, states)) <= {dict}) or all(isinstance(s, dict) for s in states):
+        fields = _spread(states)
     else:
         fields = {"state": states}
     return _frame(ids, versions, instants, fields, output)
+
+
+def _spread(states: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Dict states as columns, one per key in first-seen order (missing keys are None)."""
+    names = list(dict.fromkeys(chain.from_iterable(states)))
+    clash = [n for n in names if n in ("aggregate_id", "version", "last_event_at")]
+    if clash:
+        raise EsWorkbenchError(
+            f"state field {clash[0]!r} clashes with a column of the result. "
+            "Hint: rename the field in the fold"
+        )
+    if sum(map(len, states)) == len(names) * len(states):  # every state has every key
+        return {n: list(map(itemgetter(n), states)) for n in names}
+    return {n: [s.get(n) for s in states] for n in names}
 
 
 def _frame(
