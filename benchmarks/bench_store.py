@@ -219,21 +219,30 @@ def store_timers() -> Iterator[Timers]:
 # skipped; threads make "summed" steps add up to more than the wall time.
 STEPS: list[tuple[str, str, str]] = [
     ("esworkbench._checks", "canonical_batch", "check + canonicalise the batch"),
-    ("esworkbench._writes", "canonical_batch", "check + canonicalise the batch"),
+    ("esworkbench._checks", "_valid_json", "  of which JSON validity (a thread of its own)"),
+    ("esworkbench._checks", "_promoted", "  of which ids promoted from metadata"),
     ("esworkbench._checks", "_refuse_repeats", "  of which repeated-id check"),
     ("esworkbench.store", "Store._bind", "rebind SQL views to the new file list"),
-    ("esworkbench._writes", "find_stored", "find_stored: event_id join against the store"),
-    ("esworkbench._writes", "place", "place: versions, positions, stream heads"),
-    ("esworkbench._writes", "_heads", "  of which stream-head query against the store"),
+    ("esworkbench._keys", "KeyIndex._wait", "wait for the key index to take in the last commit"),
+    ("esworkbench._writes", "find_stored", "find_stored: event_id keys against the key index"),
+    ("esworkbench._writes", "place", "place: sort, stream heads, versions, positions, gather"),
+    ("esworkbench._writes", "_heads", "  of which stream heads from the key index"),
+    ("esworkbench._layout", "gather", "  of which gathering rows in sorted order (2 threads)"),
     ("esworkbench.store", "Store._head", "stream head lookup (_head)"),
-    ("esworkbench._layout", "partitions", "sort + split by partition"),
+    ("esworkbench._layout", "partitions", "split by partition (rows come sorted)"),
     ("esworkbench._layout", "write_file", "write Parquet file(s) incl. fsyncs (summed)"),
     ("esworkbench._layout", "fsync", "  of which fsync of file + partition dir (summed)"),
+    ("esworkbench._keys", "FileKeys.of", "  of which key-index notes of each file (summed)"),
     ("deltalake", "DeltaTable.create_write_transaction", "Delta commit (create_write_transaction)"),
     ("esworkbench.store", "_fsync_commit", "fsync commit JSON + _delta_log dir"),
     ("esworkbench.store", "Store.refresh", "refresh (log check, reload snapshot)"),
     ("deltalake", "DeltaTable.update_incremental", "  of which DeltaTable.update_incremental"),
     ("deltalake", "DeltaTable.get_add_actions", "  of which DeltaTable.get_add_actions"),
+    (
+        "esworkbench._keys",
+        "KeyIndex._sync",
+        "key index takes in new files (in a thread after each commit; summed, overlaps)",
+    ),
 ]
 
 
