@@ -52,6 +52,7 @@ from esworkbench.events import EVENT_SCHEMA, NewEvent
 from esworkbench.engine import Event
 from esworkbench.history import blame, timeline
 from esworkbench.late import late_events, restatement
+from esworkbench.snapshots import import_snapshots, snapshot, snapshot_advice
 from esworkbench.sources import (
     ImportResult,
     SourceRewrittenError,
@@ -117,6 +118,7 @@ __all__ = [
     "first_at",
     "generic",
     "import_events",
+    "import_snapshots",
     "last",
     "last_at",
     "late_events",
@@ -128,6 +130,8 @@ __all__ = [
     "population_diff",
     "replay",
     "restatement",
+    "snapshot",
+    "snapshot_advice",
     "status",
     "steps",
     "sum",

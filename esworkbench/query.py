@@ -7,11 +7,12 @@ are rebuilt only when the Delta log has moved on. User values travel as bound pa
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import duckdb
 
+from esworkbench._statejson import SNAPSHOT_SCHEMA
 from esworkbench.errors import QueryError
 from esworkbench.events import COLUMNS, EVENT_SCHEMA
 
@@ -78,6 +79,12 @@ class Session:
         self._files: tuple[str, ...] | None = None
         self._lock = threading.RLock()
         self.connection.register("_esw_no_events", EVENT_SCHEMA.empty_table())
+        self.connection.register("_esw_no_snapshots", SNAPSHOT_SCHEMA.empty_table())
+        self._snapshot_files: tuple[str, ...] | None = None
+        # Set by esworkbench.snapshots: lists the snapshots table's files, so that a query
+        # naming the view sees the newest commit.
+        self.snapshot_files: Callable[[], Sequence[str]] | None = None
+        self.bind_snapshots([])
 
     def bind(self, files: Sequence[str]) -> None:
         """Points the views at exactly these Parquet files (absolute paths)."""
@@ -96,12 +103,37 @@ class Session:
             self.connection.execute(_STREAMS_VIEW)
             self._files = key
 
+    def bind_snapshots(self, files: Sequence[str]) -> None:
+        """Points the ``snapshots`` view at exactly these Parquet files (absolute paths).
+
+        Examples:
+            >>> s = Session()
+            >>> s.sql("select count(*) from snapshots").fetchall()
+            [(0,)]
+        """
+        key = tuple(files)
+        with self._lock:
+            if key == self._snapshot_files:
+                return
+            if key:
+                listing = ", ".join(_literal(f) for f in key)
+                source = f"read_parquet([{listing}], hive_partitioning = false)"
+            else:
+                source = "_esw_no_snapshots"
+            names = ", ".join(SNAPSHOT_SCHEMA.names)
+            self.connection.execute(
+                f"CREATE OR REPLACE VIEW snapshots AS SELECT {names} FROM {source}"
+            )
+            self._snapshot_files = key
+
     def sql(self, query: str, params: Params = None) -> duckdb.DuckDBPyRelation:
         """Runs a query over the views and returns a DuckDB relation.
 
         Raises:
             QueryError: when DuckDB refuses the query, with the query and DuckDB's message.
         """
+        if self.snapshot_files is not None and "snapshots" in query.lower():
+            self.bind_snapshots(self.snapshot_files())
         with self._lock:
             try:
                 relation = self.connection.sql(query, params=params)
