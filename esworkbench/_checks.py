@@ -191,7 +191,9 @@ def canonical_batch(
         connection = session.connection
         # JSON validity (one DuckDB pass) runs on its own cursor beside the column checks and
         # the promotion, which parse only rows that are valid or are refused below anyway.
-        valid_json = None if checked else pool.submit(_valid_json, connection, table)
+        valid_json = None
+        if not checked:  # the cursor is made here: a connection serves one thread at a time
+            valid_json = pool.submit(_valid_json, connection.cursor(), table)
         canonical_ids = pc.all(pc.match_substring_regex(ids, _CANONICAL_UUID)).as_py() is not False
         try:
             promoted: dict[str, pa.Array] | None = _promoted(connection, table)
@@ -238,9 +240,8 @@ def _plain(table: pa.Table) -> bool:
     )
 
 
-def _valid_json(connection: duckdb.DuckDBPyConnection, table: pa.Table) -> bool:
+def _valid_json(cursor: duckdb.DuckDBPyConnection, table: pa.Table) -> bool:
     """Whether every data and metadata text is valid JSON, on a cursor of its own."""
-    cursor = connection.cursor()
     try:
         cursor.register(BATCH, table.select(["data", "metadata"]))
         return bool(cursor.execute(_VALID_JSON).fetchall()[0][0] == 0)

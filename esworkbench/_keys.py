@@ -36,8 +36,8 @@ from esworkbench.query import Session
 
 Keys = npt.NDArray[np.uint64]
 _NONE: Final = -1
-# Notes of written files kept while the index is not built yet (single appends add one each).
-_MAX_NOTES_UNBUILT: Final = 256
+# Events whose notes are kept while the index is not built yet (a build reads files instead).
+_MAX_NOTED_UNBUILT: Final = 2_000_000
 
 
 def hash_text(values: pa.Array | pa.ChunkedArray) -> Keys:
@@ -310,7 +310,7 @@ class KeyIndex:
         self._staged = {p: keys for p, keys in self._staged.items() if p in listed}
         self._overlay = None
         if not self._built:
-            if len(self._staged) > _MAX_NOTES_UNBUILT:
+            if sum(len(n.event_keys) for n in self._staged.values()) > _MAX_NOTED_UNBUILT:
                 self._staged.clear()  # the build will read these files instead
         elif any(path not in listed for path in self._paths):
             self._reset()  # a file left the log (compaction): build again when next asked
