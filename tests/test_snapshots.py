@@ -547,3 +547,62 @@ def test_snapshot_dates_and_times_survive_a_replay(tmp_path: Path) -> None:
     zoned = time(13, tzinfo=ZoneInfo("Europe/Berlin"))  # its offset depends on a date it lacks
     with pytest.raises(StateError, match="a time with a zone other than a fixed offset"):
         dumps_state({"when": zoned}, decimals=False)
+
+
+@pytest.mark.postgres
+def test_import_eventsourcing_snapshots_from_postgres(tmp_path: Path) -> None:
+    from eventsourcing.application import Application
+    from eventsourcing.domain import Aggregate, event
+
+    class Account(Aggregate):
+        @event("Opened")
+        def __init__(self, owner: str) -> None:
+            self.owner = owner
+            self.balance = Decimal(0)
+
+        @event("Deposited")
+        def deposit(self, amount: Decimal) -> None:
+            self.balance += amount
+
+    name = f"Bank{uuid.uuid4().hex[:10]}"
+    bank = type(name, (Application,), {"snapshotting_intervals": {Account: 2}})
+    env = {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": "test",
+        "POSTGRES_HOST": "127.0.0.1",
+        "POSTGRES_PORT": "5432",
+        "POSTGRES_USER": "postgres",
+        "POSTGRES_PASSWORD": "",
+    }
+    app = bank(env=env)
+    try:
+        ann, ben = Account("Ann"), Account("Ben")
+        for account in (ann, ben):
+            account.deposit(Decimal("10.10"))
+        ann.deposit(Decimal("1"))
+        ann.deposit(Decimal("2"))
+        app.save(ann, ben)
+        store = esw.open_store(tmp_path / "s")
+        esw.import_events(store, DSN, format="eventsourcing", table=name)
+        result = esw.import_snapshots(store, DSN, format="eventsourcing", table=name)
+        assert (result.imported, result.skipped) == (3, 0)  # ann at 2 and 4, ben at 2
+        assert result.fold_key == f"import:eventsourcing:{DSN}#{name}"
+        versions = store.sql(
+            "SELECT aggregate_id, version FROM snapshots ORDER BY aggregate_id, version"
+        ).fetchall()
+        assert sorted(versions) == sorted([(str(ann.id), 2), (str(ann.id), 4), (str(ben.id), 2)])
+        library = esw.Aggregate(
+            "Account",
+            initial={},
+            on={"Deposited": lambda s, e: {**s, "balance": s["balance"] + e.data["amount"]}},
+            decimals=True,
+            key=result.fold_key,
+        )
+        resumed = esw.replay(store, library, str(ann.id), snapshots=True)
+        assert resumed["balance"] == Decimal("13.10")
+    finally:
+        app.close()
+        with psycopg.connect(DSN, autocommit=True) as connection:
+            for suffix in ("events", "snapshots"):
+                table = sql.Identifier(f"{name.lower()}_{suffix}")
+                connection.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))

@@ -299,3 +299,22 @@ def test_upcast_chain_is_the_composed_steps(chain: tuple[int, list[Any], dict[st
         for function in functions[1:]:
             rest = function(rest)
         assert up.upcast("E", start + 1, data) == ("E", start + len(functions), rest)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["amt", "note", "x"]),
+        st.one_of(st.decimals(-(10**9), 10**9, places=2), st.text(max_size=5), st.integers()),
+    )
+)
+def test_a_sql_step_and_its_python_step_agree(data: dict[str, Any]) -> None:
+    python, sql = demo_upcasters(sql=False), demo_upcasters(python=False)
+    try:
+        expected = python.upcast("MoneyDeposited", 1, data)
+    except esw.UpcastError:
+        # the Python step needs "amt"; the SQL one gives null where it is missing
+        assert "amt" not in data
+        assert sql.upcast("MoneyDeposited", 1, data)[2] == {"amount": None}
+        return
+    assert sql.upcast("MoneyDeposited", 1, data) == expected
