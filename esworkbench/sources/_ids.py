@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from esworkbench.query import FILES, Session
+from esworkbench.sources._runs import SortedRuns
 
 __all__ = ["EventIds", "Repeat"]
 
@@ -43,7 +44,7 @@ class EventIds:
         self._session = session
         self._stored = stored
         self._staged = staged
-        self._seen = np.empty(0, np.uint64)
+        self._seen = SortedRuns(width=0)
 
     def _query(self, query: str, table: pa.Table, params: list[object] | None = None) -> pa.Table:
         with self._session._lock:
@@ -64,16 +65,17 @@ class EventIds:
         hashes = self._query(_HASH, table)
         order = hashes["_i"].to_numpy()
         ordered = hashes["h"].to_numpy()  # sorted needles search fast
-        at = np.searchsorted(self._seen, ordered)
+        _, seen, _ = self._seen.find(ordered)
         found: dict[int, str] = {}
         found.update(_in_batch(ids, order, ordered, good["source_position"]))
-        found.update(self._earlier(ids, order, ordered, at))
+        found.update(self._earlier(ids, order[seen]))
         if self._stored:
             found.update(self._in_store(ids))
-        fresh = np.ones(len(order), dtype=bool)
+        fresh = ~seen
+        fresh[1:] &= ordered[1:] != ordered[:-1]  # a hash once, even if two ids share it
         if found:
-            fresh[np.isin(order, list(found))] = False
-        self._seen = np.insert(self._seen, at[fresh], ordered[fresh])
+            fresh &= ~np.isin(order, list(found))
+        self._seen.add(ordered[fresh], np.empty((int(fresh.sum()), 0), np.int64))
         if not found:
             return good, good.slice(0, 0), []
         refused = sorted(found)
@@ -85,15 +87,12 @@ class EventIds:
             [found[i] for i in refused],
         )
 
-    def _earlier(
-        self, ids: pa.ChunkedArray, order: np.ndarray, ordered: np.ndarray, at: np.ndarray
-    ) -> dict[int, str]:
-        staged = list(self._staged())
-        if len(self._seen) == 0 or not staged:
-            return {}
-        hit = self._seen[np.minimum(at, len(self._seen) - 1)] == ordered
-        suspects = order[hit]
+    def _earlier(self, ids: pa.ChunkedArray, suspects: np.ndarray) -> dict[int, str]:
+        """Rows whose event_id hash this import has accepted before: looked up exactly."""
         if len(suspects) == 0:
+            return {}
+        staged = list(self._staged())  # waits for the batch being staged: only on suspicion
+        if not staged:
             return {}
         table = pa.table({"_i": pa.array(suspects), "event_id": ids.take(pa.array(suspects))})
         rows = self._query(_STAGED, table, [staged])

@@ -2,7 +2,7 @@
 
 An import places its rows against the stream heads the store had when it began plus what the
 import itself has placed so far. The heads of the streams an import has touched are kept in
-sorted NumPy arrays keyed by a 64-bit hash of the aggregate_id (about 24 bytes a stream), so a
+sorted runs keyed by a 64-bit hash of the aggregate_id (:mod:`._runs`, 32 bytes a stream), so a
 batch needs no scan of the files the import has staged and no Python loop over its rows; the
 store is asked only for the heads of streams the import meets for the first time.
 
@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from esworkbench.query import Session
+from esworkbench.sources._runs import Places, SortedRuns
 
 __all__ = ["Continuity", "Verdict"]
 
@@ -67,10 +68,8 @@ class Continuity:
     def __init__(self, session: Session, *, stored: bool) -> None:
         self._session = session
         self._stored = stored  # whether the store held events when the import began
-        self._keys = np.empty(0, np.uint64)  # sorted
-        self._heads = np.empty(0, np.int64)
-        self._kinds = np.empty(0, np.uint64)  # hash of the stream's aggregate_type
-        self._broken = np.empty(0, np.int64)  # first refused source position, or _NONE
+        # Per stream: head, hash of its aggregate_type, first refused source position (or _NONE).
+        self._streams = SortedRuns(width=3)
         self._names: dict[int, str] = {}  # aggregate_type hash -> name, for messages
 
     def _query(self, query: str, table: pa.Table) -> pa.Table:
@@ -115,7 +114,9 @@ class Continuity:
         first = np.flatnonzero(starts)
         rank = np.arange(total) - first[group] + 1
         streams = key_s[first]
-        head, stream_kind, broken = self._look_up(streams, rows, order[first], kind_s[first])
+        head, stream_kind, broken, places, known = self._look_up(
+            streams, rows, order[first], kind_s[first]
+        )
         expected = head[group] + rank
         problem = np.zeros(total, np.int8)
         given = version[order]
@@ -131,12 +132,16 @@ class Continuity:
         at = np.where(problem > 0, position[order], _NONE)
         first_bad = np.minimum.reduceat(at, first)
         ok_s = (problem == 0) & (position[order] < first_bad[group])
-        self._move(
-            streams,
-            head + np.add.reduceat(ok_s.astype(np.int64), first),
-            stream_kind,
-            np.minimum(broken, first_bad),
+        moved = np.stack(
+            [
+                head + np.add.reduceat(ok_s.astype(np.int64), first),
+                stream_kind.view(np.int64),
+                np.minimum(broken, first_bad),
+            ],
+            axis=1,
         )
+        self._streams.update(places, moved)
+        self._streams.add(streams[~known], moved[~known])
         ok = np.empty(total, dtype=bool)
         ok[order] = ok_s
         versions = np.empty(total, np.int64)
@@ -170,18 +175,13 @@ class Continuity:
 
     def _look_up(
         self, streams: np.ndarray, rows: pa.Table, firsts: np.ndarray, first_kinds: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Head, aggregate_type hash and broken position of each stream (sorted keys)."""
-        count = len(streams)
-        at = np.searchsorted(self._keys, streams)
-        known = at < len(self._keys)
-        known[known] = self._keys[at[known]] == streams[known]
-        head = np.zeros(count, np.int64)
-        kinds = first_kinds.copy()
-        broken = np.full(count, _NONE, np.int64)
-        head[known] = self._heads[at[known]]
-        kinds[known] = self._kinds[at[known]]
-        broken[known] = self._broken[at[known]]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Places, np.ndarray]:
+        """Head, aggregate_type hash and broken position of each stream (sorted keys), where
+        the known ones live, and which are known."""
+        values, known, places = self._streams.find(streams)
+        head = values[:, 0]
+        kinds = np.where(known, values[:, 1].view(np.uint64), first_kinds)
+        broken = np.where(known, values[:, 2], _NONE)
         if self._stored and not known.all():
             new = rows["aggregate_id"].take(pa.array(firsts[~known]))
             stored = self._query(_STORED, pa.table({"aggregate_id": new}))
@@ -193,25 +193,7 @@ class Continuity:
                     stored["t"].to_pylist(), stored["kind"].to_pylist(), strict=True
                 ):
                     self._names.setdefault(int(t), str(name))
-        return head, kinds, broken
-
-    def _move(
-        self, streams: np.ndarray, heads: np.ndarray, kinds: np.ndarray, broken: np.ndarray
-    ) -> None:
-        """Records the batch's streams at their new heads (new streams are inserted in order)."""
-        at = np.searchsorted(self._keys, streams)
-        known = at < len(self._keys)
-        known[known] = self._keys[at[known]] == streams[known]
-        self._heads[at[known]] = heads[known]
-        self._kinds[at[known]] = kinds[known]
-        self._broken[at[known]] = broken[known]
-        fresh = ~known
-        if fresh.any():
-            where = at[fresh]
-            self._keys = np.insert(self._keys, where, streams[fresh])
-            self._heads = np.insert(self._heads, where, heads[fresh])
-            self._kinds = np.insert(self._kinds, where, kinds[fresh])
-            self._broken = np.insert(self._broken, where, broken[fresh])
+        return head, kinds, broken, places, known
 
 
 def _with_versions(table: pa.Table, versions: np.ndarray) -> pa.Table:

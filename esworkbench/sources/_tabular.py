@@ -24,6 +24,7 @@ from esworkbench.errors import InvalidEventError
 from esworkbench.events import _ALIASES
 from esworkbench.sources import _stage
 from esworkbench.sources._rows import FIELDS, SOURCE_SCHEMA, bad_row
+from esworkbench.sources._sql import rebatch
 
 __all__ = ["csv_header", "csv_tables", "open_stream", "resolve", "table_schema", "table_tables"]
 
@@ -217,11 +218,20 @@ def table_schema(path: Path) -> pa.Schema:
         ) from exc
 
 
-def _batches(path: Path, wanted: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
+def _batches(path: Path, wanted: list[str], batch_size: int) -> Iterator[pa.Table]:
     kind = _kind(path)
     if kind == "parquet":
         with pq.ParquetFile(path) as parquet:
-            yield from parquet.iter_batches(batch_size=batch_size, columns=wanted)
+            # One reader over the whole file holds on to what it has read until it ends (memory
+            # grew with the file); a reader per row group holds at most a row group.
+            pieces = (
+                batch
+                for group in range(parquet.num_row_groups)
+                for batch in parquet.iter_batches(
+                    batch_size=batch_size, row_groups=[group], columns=wanted
+                )
+            )
+            yield from rebatch(pieces, batch_size)
         return
     with pa.memory_map(str(path)) as source:
         if kind == "ipc file":
@@ -231,7 +241,7 @@ def _batches(path: Path, wanted: list[str], batch_size: int) -> Iterator[pa.Reco
             stored = iter(pa.ipc.open_stream(source))
         for batch in stored:
             for start in range(0, batch.num_rows, batch_size):
-                yield batch.select(wanted).slice(start, batch_size)
+                yield pa.Table.from_batches([batch.select(wanted).slice(start, batch_size)])
 
 
 def table_tables(
@@ -245,7 +255,7 @@ def table_tables(
         for batch in _batches(path, wanted, batch_size):
             numbers = np.arange(first, first + batch.num_rows, dtype=np.int64)
             first += batch.num_rows
-            table = _renamed(pa.Table.from_batches([batch]), mapping, numbers)
+            table = _renamed(batch, mapping, numbers)
             yield partial(_stage.finish, table, connection, zone=zone)
 
     with _stage.connect() as connection:
