@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
 import polars as pl
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import esworkbench as esw
 
@@ -179,3 +182,68 @@ def test_restatement_of_one_valid_instant(tmp_path: Path) -> None:
     none = esw.restatement(store, ACCOUNT, "acc-2")
     assert none.empty
     assert none.columns.tolist()[:3] == ["version", "event_type", "event_id"]
+
+
+# -- properties: the SQL query and the restatements against their definitions -----------------
+
+moments = st.integers(0, 6).map(lambda n: T0 + timedelta(hours=n))
+histories = st.lists(
+    st.tuples(st.sampled_from(["a", "b"]), st.integers(1, 9), moments, moments),
+    min_size=1,
+    max_size=10,
+)
+
+
+@settings(
+    max_examples=int(os.environ.get("ESW_PROPERTY_EXAMPLES", "25")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(history=histories)
+def test_late_events_and_restatements_follow_their_definitions(
+    tmp_path_factory: pytest.TempPathFactory,
+    history: list[tuple[str, int, datetime, datetime]],
+) -> None:
+    store = esw.open_store(tmp_path_factory.mktemp("store"))
+    store.append_batch(
+        [
+            {
+                "aggregate_id": stream,
+                "aggregate_type": "Account",
+                "event_type": "MoneyDeposited",
+                "data": {"amount": amount},
+                "occurred_at": occurred,
+                "recorded_at": recorded,
+            }
+            for stream, amount, occurred, recorded in history
+        ]
+    )
+    rows = store.sql(
+        "select aggregate_id, version, occurred_at, recorded_at from events order by position"
+    ).fetchall()
+
+    def late(same_stream: bool) -> set[tuple[str, int]]:
+        return {
+            (s, v)
+            for s, v, o, r in rows
+            if any(r2 < r and o2 > o and (s2 == s or not same_stream) for s2, _, o2, r2 in rows)
+        }
+
+    found = esw.late_events(store)
+    assert set(zip(found["aggregate_id"], found["version"], strict=True)) == late(True)
+    wide = esw.late_events(store, scope="store")
+    assert set(zip(wide["aggregate_id"], wide["version"], strict=True)) == late(False)
+
+    fold = esw.Aggregate("Account", fields={"total": esw.sum("amount"), "n": esw.count()})
+    for stream in sorted({h[0] for h in history}):
+        restated = esw.restatement(store, fold, stream)
+        assert set(restated["version"]) == {v for s, v in late(True) if s == stream}
+        for row in restated.itertuples():
+            known = row.recorded_at.to_pydatetime()
+            valid = row.valid_at.to_pydatetime()
+            before = esw.replay(store, fold, stream, valid_at=valid, known_at=known - US)
+            after = esw.replay(store, fold, stream, valid_at=valid, known_at=known)
+            assert (row.before, row.after) == (before, after)
+            assert row.changes == {
+                k: (before[k], after[k]) for k in before if before[k] != after[k]
+            }
