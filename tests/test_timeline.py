@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import esworkbench as esw
 from esworkbench.history import Rows, _python_rows, _sql_rows
+from esworkbench.temporal import compiles
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 US = timedelta(microseconds=1)
@@ -416,3 +417,34 @@ def test_declared_fields_beside_other_initial_keys(tmp_path: Path) -> None:
     nothing = esw.timeline(store, fold, until=at(0) - US)
     assert len(nothing) == 0
     assert nothing.columns.tolist()[:4] == ["aggregate_id", "version", "kind", "n"]
+
+
+def test_sql_upcasters_keep_the_timeline_in_sql(tmp_path: Path) -> None:
+    store = esw.open_store(tmp_path)
+    store.append(
+        "acc-1",
+        [
+            esw.NewEvent("MoneyDeposited", {"amt": 5}, schema_version=1),
+            esw.NewEvent("MoneyDeposited", {"amount": 7}, schema_version=2),
+            esw.NewEvent("Renamed", {"name": "Ann"}, schema_version=1),
+        ],
+        aggregate_type="Account",
+        expected_version=0,
+    )
+    upcasters = esw.Upcasters()
+    upcasters.add_sql("MoneyDeposited", 1, "json_object('amount', json_extract(data, '$.amt'))")
+    upcasters.add_sql(
+        "Renamed", 1, "json_object('owner', json_extract(data, '$.name'))", "'OwnerChanged'"
+    )
+    fold = esw.Aggregate(
+        "Account",
+        fields={"total": esw.sum("amount"), "owner": esw.last("owner", types="OwnerChanged")},
+        upcasters=upcasters,
+    )
+    assert compiles(fold)
+    every = esw.timeline(store, fold)  # one SQL query over the upcast events
+    one = esw.timeline(store, fold, "acc-1")  # the Python engine, upcasting on read
+    assert every["total"].tolist() == one["total"].tolist() == [5, 12, 12]
+    assert every["owner"].tolist() == one["owner"].tolist() == [None, None, "Ann"]
+    assert every["event_type"].tolist() == one["event_type"].tolist()
+    assert one["event_type"].tolist()[-1] == "OwnerChanged"  # as the fold saw it
