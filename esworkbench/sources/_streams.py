@@ -106,7 +106,7 @@ class Continuity:
         names = rows["aggregate_type"].take(pa.array(order[where])).to_pylist()
         self._names.update(zip(kinds.tolist(), names, strict=True))
         position = rows["source_position"].to_numpy()
-        version = rows["version"].to_numpy(zero_copy_only=False)  # float, NaN where null
+        version = pc.fill_null(rows["version"], 0).to_numpy()  # 0: none given (versions are >= 1)
         refused = np.arange(total) >= count
         starts = np.ones(total, dtype=bool)
         starts[1:] = key_s[1:] != key_s[:-1]
@@ -120,7 +120,7 @@ class Continuity:
         expected = head[group] + rank
         problem = np.zeros(total, np.int8)
         given = version[order]
-        has = ~np.isnan(given)
+        has = given > 0
         for code, where in (
             (_GAP, has & (given > expected)),
             (_DUPLICATE, has & (given < expected)),
