@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import duckdb
 import pyarrow as pa
@@ -190,10 +190,8 @@ def _at_point(
         table = read_events(source, aggregate, aggregate_id, version=point)
         asked: int | datetime = point
     elif isinstance(point, datetime | str):
-        at = instant(point, name)
-        assert at is not None
-        table = read_events(source, aggregate, aggregate_id, at=at)
-        asked = at
+        asked = cast(datetime, instant(point, name))  # not None: point is not None
+        table = read_events(source, aggregate, aggregate_id, at=asked)
     else:
         raise EsWorkbenchError(
             f"{name}={point!r} is neither a version nor an instant. "
