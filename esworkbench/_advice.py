@@ -122,10 +122,15 @@ def _measure(store: Source, aggregate: Aggregate, budget: int) -> tuple[float, f
         "(SELECT unnest(CAST(? AS VARCHAR[]))) ORDER BY aggregate_id, version",
         [aggregate.name, ids],
     ).to_arrow_table()
-    started = time.perf_counter()
-    fold_chunk(Folder(aggregate), batch)
-    elapsed = max(time.perf_counter() - started, 1e-6)
-    rate = max(batch.num_rows, 1) / elapsed
+    # Folded again until 20 ms have passed, so that a small sample measures the fold rather
+    # than the fixed cost of one call; the best of the rounds (the least disturbed) counts.
+    folder, best, spent = Folder(aggregate), float("inf"), 0.0
+    while spent < 0.02:
+        started = time.perf_counter()
+        fold_chunk(folder, batch)
+        elapsed = time.perf_counter() - started
+        best, spent = min(best, elapsed), spent + elapsed
+    rate = max(batch.num_rows, 1) / max(best, 1e-7)
     reads = []
     for _ in range(3):
         started = time.perf_counter()

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -356,7 +357,7 @@ class Upcasters:
 
     def _touched(self, table: pa.Table | pa.RecordBatch) -> pa.Array:
         """A mask of the rows that some step reads."""
-        mask = pa.array([False] * table.num_rows, pa.bool_())
+        mask = pa.array(np.zeros(table.num_rows, dtype=bool))
         types, versions = table.column("event_type"), table.column("schema_version")
         for event_type, version in self._steps.keys() | self._sql.keys():
             hit = pc.and_(pc.equal(types, event_type), pc.equal(versions, version))
@@ -383,7 +384,8 @@ class Upcasters:
         if not self or table.num_rows == 0:
             return table
         mask = self._touched(table)
-        chosen = table.filter(mask)
+        wanted = ("event_type", "schema_version", "data", "aggregate_id", "version", "event_id")
+        chosen = table.filter(mask).select([n for n in wanted if n in table.column_names])
         if chosen.num_rows == 0:
             return table
         types, versions, datas = [], [], []
