@@ -233,7 +233,7 @@ def as_of(
             table = source.sql(query, args).to_arrow_table()
         except duckdb.Error as exc:  # a relation runs lazily: its errors come here
             raise translate(exc, query) from exc
-        fields = _foldsql.present_columns(aggregate, table)
+        fields = _foldsql.present_columns(aggregate, table, arrow_instants=True)
         constant = {k: [v] * table.num_rows for k, v in aggregate.start().items()}
         return _frame(
             table.column(0).to_pylist(),
@@ -310,7 +310,10 @@ def _frame(
     if output == "polars":
         import polars as pl
 
-        data = {**columns, "last_event_at": pl.from_arrow(instants), **fields}
+        converted = {
+            k: pl.from_arrow(v) if isinstance(v, pa.ChunkedArray) else v for k, v in fields.items()
+        }
+        data = {**columns, "last_event_at": pl.from_arrow(instants), **converted}
         return pl.DataFrame(data, strict=False)
     import pandas as pd
 
@@ -318,6 +321,11 @@ def _frame(
     result["version"] = pd.Series(versions, dtype="int64")
     result["last_event_at"] = instants.to_pandas()
     for name, values in fields.items():
+        if isinstance(values, pa.ChunkedArray):  # instants of the SQL engine
+            if values.null_count < len(values):
+                result[name] = values.to_pandas()
+                continue
+            values = [None] * len(values)  # as the Python engine's all-None column shows
         column = pd.Series(values, dtype=object if not values else None)
         if column.dtype != object and column.dtype.kind not in "mM" and None in values:
             column = pd.Series(values, dtype=object)  # keep None as None, not NaN
