@@ -282,12 +282,13 @@ def _sums(values: pa.ChunkedArray, fractions: pa.ChunkedArray, *, decimals: bool
     text = pc.utf8_rtrim(pc.utf8_rtrim(pc.cast(values, pa.string()), "0"), ".").fill_null("0")
     convert = Decimal if decimals else float
     flags = fractions.fill_null(False)
-    if pc.all(flags).as_py():
-        return list(map(convert, text.to_pylist()))
-    return [
-        convert(t) if f else int(t)
-        for t, f in zip(text.to_pylist(), flags.to_pylist(), strict=True)
-    ]
+    sums: list[Any] = list(map(convert, text.to_pylist()))
+    whole = pc.indices_nonzero(pc.invert(flags)).to_pylist()  # streams that only summed ints
+    if whole:
+        exact = pc.cast(values.fill_null(0), pa.decimal128(38, 0), safe=False)
+        for i, value in zip(whole, pc.take(exact, whole).to_pylist(), strict=True):
+            sums[i] = int(value)
+    return sums
 
 
 def _decode(texts: pa.ChunkedArray, decoder: msgspec.json.Decoder[Any], null: Any) -> list[Any]:
