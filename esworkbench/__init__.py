@@ -37,6 +37,7 @@ from esworkbench.aggregates import minimum as min
 from esworkbench.aggregates import total as sum
 from esworkbench.attach import AttachedLake, attach
 from esworkbench.diffs import Diff, PopulationDiff, diff, population_diff
+from esworkbench.engine import Event
 from esworkbench.errors import (
     ConcurrencyError,
     CorruptStoreError,
@@ -49,7 +50,6 @@ from esworkbench.errors import (
     UnknownStreamError,
 )
 from esworkbench.events import EVENT_SCHEMA, NewEvent
-from esworkbench.engine import Event
 from esworkbench.history import blame, timeline
 from esworkbench.late import late_events, restatement
 from esworkbench.snapshots import import_snapshots, snapshot, snapshot_advice

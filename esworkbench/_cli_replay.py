@@ -197,9 +197,9 @@ def replay_command(
             else:
                 click.echo(str(change))
             return
-        table = read_events(source, fold_, aggregate_id, version=version, at=at)
+        folded = read_events(source, fold_, aggregate_id, version=version, at=at)
         state = replay(source, fold_, aggregate_id, version=version, at=at)
-        reached = int(table["version"][-1].as_py()) if table.num_rows else 0
+        reached = int(folded["version"][-1].as_py()) if folded.num_rows else 0
         if as_json:
             click.echo(
                 _json(
@@ -303,15 +303,15 @@ def asof_command(
                 "Hint: leave out --type, or pick the fold of that type"
             )
         frame = as_of(source, fold_, at=at)
-        table = _arrow(frame)
+        rows = _arrow(frame)
         if output_format == "parquet":
             import pyarrow.parquet as pq
 
-            pq.write_table(table, str(output))
+            pq.write_table(rows, str(output))
         else:
             with click.open_file(str(output or "-"), "w", encoding="utf-8") as out:
                 write(
-                    pa.RecordBatchReader.from_batches(table.schema, table.to_batches()),
+                    pa.RecordBatchReader.from_batches(rows.schema, rows.to_batches()),
                     output_format,
                     out,
                 )
