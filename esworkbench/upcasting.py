@@ -88,6 +88,7 @@ class Upcasters:
         self._sql: dict[tuple[str, int], _SqlStep] = {}
         self._duckdb: duckdb.DuckDBPyConnection | None = None
         self._lock = threading.Lock()
+        self._runners: dict[tuple[str, int], Step] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # Folds travel to worker processes with cloudpickle; a DuckDB connection cannot.
@@ -97,6 +98,7 @@ class Upcasters:
         self.__dict__.update(state)
         self._duckdb = None
         self._lock = threading.Lock()
+        self._runners = {}
 
     def __bool__(self) -> bool:
         return bool(self._steps) or bool(self._sql)
@@ -243,7 +245,9 @@ class Upcasters:
             key = (event_type, schema_version)
             step = self._steps.get(key)
             if step is None and key in self._sql:
-                step = self._sql_runner(key)
+                step = self._runners.get(key) or self._runners.setdefault(
+                    key, self._sql_runner(key)
+                )
             if step is None:
                 return event_type, schema_version, data
             try:
