@@ -373,6 +373,7 @@ def esw_ingest(store: esw.Store, parquet: Path, batch_size: int) -> dict[str, An
     per_batch: list[float] = []
     with store_timers() as timers:
         start = time.perf_counter()
+        cpu_start = _own_seconds()
         for table in read_ahead(staged_batches(parquet, batch_size)):
             t0 = time.perf_counter()
             result = store.append_batch(table)
@@ -381,10 +382,12 @@ def esw_ingest(store: esw.Store, parquet: Path, batch_size: int) -> dict[str, An
             per_batch.append(took)
             total += result.events
         wall = time.perf_counter() - start
+        cpu = _own_seconds() - cpu_start
         steps = timers.snapshot()
     return {
         "events": total,
         "wall_s": wall,
+        "cpu_s": cpu,
         "append_s": in_append,
         "eps_wall": total / wall,
         "eps_append": total / in_append,
@@ -860,6 +863,8 @@ def report(facts: dict[str, Any], results: list[dict[str, Any]]) -> str:
             f"{verdict(ing['eps_wall'], 500_000, True) if big else '>= 500,000'} |",
             f"| batch ingest, events/s (inside append_batch only) | {ing['eps_append']:,.0f} "
             f"| | | |",
+            f"| batch ingest, CPU seconds of this process (all threads, incl. reading) | "
+            f"{ing['cpu_s']:.1f} ({ing['cpu_s'] / n * 1e6:.2f} µs an event) | | | |",
             f"| ingest wall, s ({ing['batches']} commits; PostgreSQL: COPY + commit) | "
             f"{ing['wall_s']:.1f} | {pgi.get('s', float('nan')):.1f} | | |",
             f"| compact after ingest, s ({cp['files_before']} -> {cp['files_after']} files) | "

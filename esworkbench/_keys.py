@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 from urllib.parse import unquote
 
 import numpy as np
@@ -107,39 +107,43 @@ def last_versions(rows: pa.Table, *, presorted: bool = False) -> pa.Table:
 
 
 class _Heads:
-    """Stream heads by key: sorted keys, each with the stream's head, aggregate_type and the
-    slot of its aggregate_id (ids are kept in the order they were first seen)."""
+    """Stream heads. Each stream has a slot (the order it was first seen) holding its
+    aggregate_id, head and aggregate_type; ``keys`` is sorted and packs the high 32 bits of the
+    stream's hash with its slot, so adding streams moves one array, and a lookup finds the
+    candidates by hash and confirms each against the exact aggregate_id."""
 
     def __init__(self) -> None:
         self.keys: Keys = np.empty(0, np.uint64)
-        self.slots = np.empty(0, np.int64)
+        self.ids: pa.Array = pa.array([], pa.string())
         self.heads = np.empty(0, np.int64)
         self.kinds = np.empty(0, np.int32)
-        self.ids: pa.Array = pa.array([], pa.string())
         self.kind_names: list[str] = []
         self._kind_codes: dict[str, int] = {}
 
     def locate(self, ids: pa.Array, keys: Keys) -> npt.NDArray[np.int64]:
-        """The entry of each id (exact text match), or -1."""
+        """The slot of each id (exact text match), or -1."""
         found = np.full(len(ids), _NONE, np.int64)
         if len(self.keys) == 0 or len(ids) == 0:
             return found
-        order = np.argsort(keys)
-        start, count = _ranges(self.keys, keys[order])
-        left = np.empty(len(keys), np.int64)
-        counts = np.empty(len(keys), np.int64)
-        left[order], counts[order] = start, count
-        single = np.flatnonzero(counts == 1)
+        high = keys & _STREAM_HIGH
+        order = np.argsort(high)
+        start = np.empty(len(keys), np.int64)
+        stop = np.empty(len(keys), np.int64)
+        start[order] = np.searchsorted(self.keys, high[order], "left")
+        stop[order] = np.searchsorted(self.keys, high[order] | _STREAM_LOW, "right")
+        count = stop - start
+        single = np.flatnonzero(count == 1)
         if len(single):
-            at = left[single]
-            stored = self.ids.take(pa.array(self.slots[at]))
+            slots = (self.keys[start[single]] & _STREAM_LOW).astype(np.int64)
+            stored = self.ids.take(pa.array(slots))
             same = pc.equal(stored, ids.take(pa.array(single))).to_numpy(zero_copy_only=False)
-            found[single[same]] = at[same]
-        for row in np.flatnonzero(counts > 1):  # a hash shared by several streams: rare
+            found[single[same]] = slots[same]
+        for row in np.flatnonzero(count > 1):  # streams sharing 32 bits of hash: rare
             wanted = ids[int(row)].as_py()
-            for entry in range(int(left[row]), int(left[row] + counts[row])):
-                if self.ids[int(self.slots[entry])].as_py() == wanted:
-                    found[row] = entry
+            for key in self.keys[int(start[row]) : int(stop[row])]:
+                slot = int(key & _STREAM_LOW)
+                if self.ids[slot].as_py() == wanted:
+                    found[row] = slot
                     break
         return found
 
@@ -168,21 +172,24 @@ class _Heads:
         found = self.locate(ids, keys)
         old = np.flatnonzero(found != _NONE)
         if len(old):
-            at = found[old]
-            higher = versions[old] >= self.heads[at]
-            self.heads[at[higher]] = versions[old][higher]
-            self.kinds[at[higher]] = kinds[old][higher]
+            slots = found[old]
+            higher = versions[old] >= self.heads[slots]
+            self.heads[slots[higher]] = versions[old][higher]
+            self.kinds[slots[higher]] = kinds[old][higher]
         new = np.flatnonzero(found == _NONE)
         if len(new) == 0:
             return
-        new = new[np.argsort(keys[new], kind="stable")]
-        slots = np.arange(len(self.ids), len(self.ids) + len(new), dtype=np.int64)
-        self.keys, self.slots, self.heads, self.kinds = _merge_sorted(
-            self.keys,
-            keys[new],
-            [(self.slots, slots), (self.heads, versions[new]), (self.kinds, kinds[new])],
-        )
+        first = len(self.heads)
+        if first + len(new) > int(_STREAM_LOW):
+            raise CorruptStoreError(
+                "the key index holds more than 2^32 streams. Hint: append in smaller stores"
+            )
+        slots = np.arange(first, first + len(new), dtype=np.uint64)
+        packed = np.sort((keys[new] & _STREAM_HIGH) | slots)
+        self.keys = np.insert(self.keys, np.searchsorted(self.keys, packed), packed)
         self.ids = pa.concat_arrays([self.ids, ids.take(pa.array(new))])
+        self.heads = np.concatenate([self.heads, versions[new]])
+        self.kinds = np.concatenate([self.kinds, kinds[new]])
 
     def lookup(self, ids: pa.Array, keys: Keys) -> tuple[npt.NDArray[np.int64], pa.Array]:
         """Each stream's head (0 when unknown) and stored aggregate_type (null when unknown)."""
@@ -197,70 +204,69 @@ class _Heads:
         return heads, pa.DictionaryArray.from_arrays(indices, names).dictionary_decode()
 
 
-class _EventKeys:
-    """Event keys in a few sorted runs, each key with the number of the file holding the event.
+# The low half of a stream key holds the stream's slot (see _Heads).
+_STREAM_LOW: Final = np.uint64(0xFFFFFFFF)
+_STREAM_HIGH: Final = ~_STREAM_LOW
 
-    A new file's keys make a new run; a run is merged into the one before it once that one is
-    no more than twice its size, so a commit costs about its own size, not the store's.
+
+class _EventKeys:
+    """Event keys in a few sorted runs; each key carries the number of the file holding it.
+
+    A key is the event_id's hash with its low :data:`_FILE_BITS` bits replaced by the file's
+    number, so a run is one sorted array and merging two runs is one sort of a concatenation
+    (two sorted runs merge in linear time). A lookup compares the high bits only, and a match
+    names the file; numbers beyond :data:`_FILE_BITS` bits wrap, and then a match names every
+    file sharing the low bits, which the exact confirmation sorts out.
+
+    A new commit's keys make a new run; a run is merged into the one before it once that one is
+    no larger, as a binary counter carries, so a key is merged about log2(commits) times.
     """
 
     def __init__(self) -> None:
-        self.runs: list[tuple[Keys, npt.NDArray[np.int32]]] = []
+        self.runs: list[Keys] = []
+        self.files = 0
 
     def add(self, files: Sequence[tuple[Keys, int]]) -> None:
         """Adds the keys of files, given with their numbers, as one run."""
-        keys = np.concatenate([k for k, _ in files]) if files else np.empty(0, np.uint64)
-        if len(keys) == 0:
+        parts = [(keys & _HIGH) | np.uint64(number & _LOW) for keys, number in files if len(keys)]
+        self.files = max([self.files, *(number + 1 for _, number in files)])
+        if not parts:
             return
-        numbers = np.concatenate([np.full(len(k), n, np.int32) for k, n in files])
-        order = np.argsort(keys)
-        self.runs.append((keys[order], numbers[order]))
-        while len(self.runs) > 1 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
-            newer_keys, newer_files = self.runs.pop()
-            older_keys, older_files = self.runs.pop()
-            merged_keys, merged_files = _merge_sorted(
-                older_keys, newer_keys, [(older_files, newer_files)]
-            )
-            self.runs.append((merged_keys, merged_files))
+        run = np.concatenate(parts)
+        run.sort()
+        self.runs.append(run)
+        while len(self.runs) > 1 and len(self.runs[-2]) <= len(self.runs[-1]):
+            newer = self.runs.pop()
+            merged = np.concatenate([self.runs.pop(), newer])
+            merged.sort(kind="stable")  # finds the two sorted runs and merges them
+            self.runs.append(merged)
 
     def files_hit(self, keys: Keys) -> set[int]:
-        """Numbers of the files holding an event whose key is among ``keys``."""
-        files: set[int] = set()
-        if len(keys) == 0:
-            return files
-        ordered = np.sort(keys)
-        for run_keys, run_files in self.runs:
-            start, count = _ranges(run_keys, ordered)
-            hit = np.flatnonzero(count)
-            files.update(int(f) for f in np.unique(run_files[start[hit]]))
-            for row in hit[count[hit] > 1]:  # the same key in several entries: rare
-                first = int(start[row])
-                files.update(int(f) for f in run_files[first : first + int(count[row])])
-        return files
+        """Numbers of the files that may hold an event whose key is among ``keys``."""
+        if len(keys) == 0 or not self.runs:
+            return set()
+        high = np.sort(keys & _HIGH)  # sorted lookups keep the search in cache
+        residues: set[int] = set()
+        for run in self.runs:
+            start = np.searchsorted(run, high, "left")
+            inside = np.minimum(start, len(run) - 1)
+            hit = np.flatnonzero((start < len(run)) & ((run[inside] & _HIGH) == high))
+            if len(hit) == 0:
+                continue
+            stop = np.searchsorted(run, high[hit] | _LOW, "right")
+            for first, last in zip(start[hit], stop, strict=True):
+                residues.update(int(k) for k in run[int(first) : int(last)] & _LOW)
+        if not residues:
+            return set()
+        if self.files <= int(_LOW) + 1:
+            return residues
+        return {n for n in range(self.files) if n & int(_LOW) in residues}
 
 
-def _ranges(stored: Keys, ordered: Keys) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """For each key of ``ordered`` (sorted), where its entries start in ``stored`` (sorted) and
-    how many there are. Sorted lookups keep the search in cache (several times faster)."""
-    start = np.searchsorted(stored, ordered, "left")
-    if len(stored) == 0:
-        return start, np.zeros(len(ordered), np.int64)
-    inside = np.minimum(start, len(stored) - 1)
-    first_hit = (start < len(stored)) & (stored[inside] == ordered)
-    count = first_hit.astype(np.int64)
-    hit = np.flatnonzero(first_hit)
-    if len(hit):
-        count[hit] = np.searchsorted(stored, ordered[hit], "right") - start[hit]
-    return start, count
-
-
-def _merge_sorted(
-    keys: Keys, more: Keys, aligned: Sequence[tuple[npt.NDArray[Any], npt.NDArray[Any]]]
-) -> list[npt.NDArray[Any]]:
-    """Merges sorted ``more`` into sorted ``keys``, moving aligned arrays along; returns the
-    merged keys, then each merged aligned array."""
-    at = np.searchsorted(keys, more, "right")
-    return [np.insert(base, at, extra) for base, extra in [(keys, more), *aligned]]
+# Low bits of an event key that hold the file's number (see _EventKeys).
+_FILE_BITS: Final = 20
+_LOW: Final = np.uint64((1 << _FILE_BITS) - 1)
+_HIGH: Final = ~_LOW
 
 
 class KeyIndex:

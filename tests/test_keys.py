@@ -187,3 +187,13 @@ def test_hash_text_gives_equal_keys_for_equal_text() -> None:
     assert keys[0] == keys[2]
     assert keys[1] == keys[4]
     assert len({*keys.tolist()}) == 3
+
+
+def test_file_numbers_beyond_the_key_bits_name_every_candidate_file() -> None:
+    events = _keys._EventKeys()
+    key = np.array([12345 << 30], np.uint64)
+    wrapped = (1 << _keys._FILE_BITS) + 5
+    events.add([(key, 5)])
+    events.add([(np.array([99 << 30], np.uint64), wrapped)])
+    assert events.files_hit(key) == {5, wrapped}  # 5 and wrapped share their low bits
+    assert events.files_hit(np.array([7 << 30], np.uint64)) == set()
