@@ -318,3 +318,37 @@ def test_a_sql_step_and_its_python_step_agree(data: dict[str, Any]) -> None:
         assert sql.upcast("MoneyDeposited", 1, data)[2] == {"amount": None}
         return
     assert sql.upcast("MoneyDeposited", 1, data) == expected
+
+
+def test_exports_upcast_on_the_way_out(tmp_path: Path) -> None:
+    from esworkbench.sources.files import read_csv, read_jsonl, read_table
+
+    store = esw.open_store(tmp_path / "s")
+    store.append(
+        "acc-1",
+        [
+            esw.NewEvent("MoneyDeposited", {"amt": Decimal("10.10")}),
+            esw.NewEvent(
+                "MoneyDeposited", {"amount": Decimal("0.05"), "balanceAfter": 1}, schema_version=2
+            ),
+            esw.NewEvent("AccountClosed", {}),
+        ],
+        aggregate_type="Account",
+    )
+    up = demo_upcasters(sql=False)
+    expected = [
+        ("MoneyDeposited", 2, '{"amount":10.10}'),
+        ("MoneyDeposited", 2, '{"amount":0.05,"balanceAfter":1}'),
+        ("AccountClosed", 1, "{}"),
+    ]
+    for name, export, read in [
+        ("out.jsonl", esw.export_jsonl, read_jsonl),
+        ("out.csv", esw.export_csv, read_csv),
+        ("out.parquet", esw.export_parquet, read_table),
+    ]:
+        assert export(store, tmp_path / name, upcasters=up, batch_size=2) == 3
+        rows = [r for t in read(tmp_path / name) for r in t.to_pylist()]
+        assert [(r["event_type"], r["schema_version"], r["data"]) for r in rows] == expected, name
+        plain = tmp_path / f"plain-{name}"
+        export(store, plain)
+        assert next(r["data"] for t in read(plain) for r in t.to_pylist()) == '{"amt":10.10}'

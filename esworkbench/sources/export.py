@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +38,9 @@ from esworkbench.errors import EsWorkbenchError
 from esworkbench.events import EVENT_SCHEMA
 from esworkbench.query import Params
 from esworkbench.store import Store
+
+if TYPE_CHECKING:
+    from esworkbench.upcasting import Upcasters
 
 __all__ = ["Compression", "export_csv", "export_jsonl", "export_parquet"]
 
@@ -166,12 +169,41 @@ def _selection(
 
 
 def _batches(
-    store: Store, select: str, selection: _Selection, batch_size: int
+    store: Store,
+    select: str,
+    selection: _Selection,
+    batch_size: int,
+    upcasters: Upcasters | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """The selected events in position order, ``select`` wrapped around each window's query."""
+    if upcasters:
+        yield from _upcast_batches(store, select, selection, batch_size, upcasters)
+        return
     for query, values in selection.windows(store, max(batch_size * 8, _WINDOW)):
         relation = store.sql(select.replace(_EVENTS, query) if select else query, values)
         yield from relation.to_arrow_reader(batch_size)
+
+
+def _upcast_batches(
+    store: Store, select: str, selection: _Selection, batch_size: int, upcasters: Upcasters
+) -> Iterator[pa.RecordBatch]:
+    """As :func:`_batches`, with each batch upcast before ``select`` runs over it."""
+    import duckdb
+
+    with duckdb.connect() as connection:
+        connection.execute("SET TimeZone = 'UTC'")  # as the store's session: instants in UTC
+        for query, values in selection.windows(store, max(batch_size * 8, _WINDOW)):
+            for raw in store.sql(query, values).to_arrow_reader(batch_size):
+                rows = upcasters.apply(pa.Table.from_batches([raw]))
+                if not select:
+                    yield from rows.to_batches()
+                    continue
+                connection.register("_esw_upcast", rows)
+                try:
+                    wrapped = select.replace(_EVENTS, "SELECT * FROM _esw_upcast")
+                    yield from connection.sql(wrapped).to_arrow_table().to_batches()
+                finally:
+                    connection.unregister("_esw_upcast")
 
 
 @contextmanager
@@ -228,6 +260,7 @@ def export_jsonl(
     aggregate_types: Sequence[str] | None = None,
     compression: Compression | None = None,
     batch_size: int = _BATCH,
+    upcasters: Upcasters | None = None,
 ) -> int:
     """Writes events as JSON Lines in the common camelCase shape, in position order.
 
@@ -244,6 +277,9 @@ def export_jsonl(
         compression: ``"gzip"``, ``"zstd"``, or None to pick it from the suffix
             (``.gz``, ``.zst``; anything else is not compressed).
         batch_size: events fetched from DuckDB at a time.
+        upcasters: bring old payload shapes up to date on the way out
+            (:meth:`~esworkbench.Upcasters.apply`: event_type, schema_version and data change;
+            numbers keep their digits).
 
     Returns:
         The number of events written.
@@ -269,7 +305,7 @@ def export_jsonl(
 
     def write(sink: pa.NativeFile) -> int:
         written = 0
-        for batch in _batches(store, _JSONL_LINE, selection, batch_size):
+        for batch in _batches(store, _JSONL_LINE, selection, batch_size, upcasters):
             lines = batch.column(0)
             sink.write(_text_bytes(lines))
             written += len(lines)
@@ -289,6 +325,7 @@ def export_csv(
     aggregate_types: Sequence[str] | None = None,
     compression: Compression | None = None,
     batch_size: int = _BATCH,
+    upcasters: Upcasters | None = None,
 ) -> int:
     """Writes events as CSV with a header of the canonical column names, in position order.
 
@@ -326,7 +363,7 @@ def export_csv(
             ]
         )
         with pacsv.CSVWriter(sink, schema) as writer:
-            for batch in _batches(store, select, selection, batch_size):
+            for batch in _batches(store, select, selection, batch_size, upcasters):
                 writer.write_batch(batch.cast(schema))
                 written += batch.num_rows
         return written
@@ -345,6 +382,7 @@ def export_parquet(
     aggregate_types: Sequence[str] | None = None,
     compression: str = "zstd",
     batch_size: int = _BATCH,
+    upcasters: Upcasters | None = None,
 ) -> int:
     """Writes events as one Parquet file of :data:`~esworkbench.EVENT_SCHEMA`, in position order.
 
@@ -374,7 +412,7 @@ def export_parquet(
         _replacing(target) as temporary,
         pq.ParquetWriter(str(temporary), EVENT_SCHEMA, compression=compression) as writer,
     ):
-        for batch in _batches(store, "", selection, batch_size):
+        for batch in _batches(store, "", selection, batch_size, upcasters):
             writer.write_batch(batch.select(EVENT_SCHEMA.names).cast(EVENT_SCHEMA))
             written += batch.num_rows
     return written
