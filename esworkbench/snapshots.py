@@ -308,11 +308,26 @@ def import_snapshots(
         batch_size: rows read at a time.
 
     Examples:
-        >>> import tempfile, esworkbench as esw
-        >>> store = esw.open_store(tempfile.mkdtemp())
-        >>> esw.import_snapshots(store, "postgresql://postgres@127.0.0.1/test",
-        ...                      table="snapshots")  # doctest: +SKIP
-        SnapshotImport(imported=2, skipped=0, fold_key='import:common:postgresql://...')
+        >>> import json, sqlite3, tempfile, esworkbench as esw
+        >>> folder = tempfile.mkdtemp()
+        >>> db = sqlite3.connect(f"{folder}/bank.db")  # as the eventsourcing library writes it
+        >>> _ = db.execute("CREATE TABLE stored_snapshots (originator_id TEXT, "
+        ...                "originator_version INTEGER, topic TEXT, state BLOB)")
+        >>> state = {"topic": "bank:Account", "state": {"balance": {
+        ...     "_type_": "decimal_str", "_data_": "10.10"}}, "timestamp": {
+        ...     "_type_": "datetime_iso", "_data_": "2024-03-01T12:00:00+00:00"}}
+        >>> _ = db.execute("INSERT INTO stored_snapshots VALUES (?, 2, ?, ?)", (
+        ...     "0f8fad5bd9cb469fa16570867728950e", "eventsourcing.domain:Snapshot",
+        ...     json.dumps(state).encode()))
+        >>> db.commit()
+        >>> store = esw.open_store(f"{folder}/store")
+        >>> result = esw.import_snapshots(store, f"sqlite:///{folder}/bank.db",
+        ...                               format="eventsourcing")
+        >>> result.imported, result.fold_key.startswith("import:eventsourcing:sqlite:///")
+        (1, True)
+        >>> store.sql("select aggregate_type, aggregate_id, version, state "
+        ...           "from snapshots").fetchall()
+        [('Account', '0f8fad5b-d9cb-469f-a165-70867728950e', 2, '{"balance":10.10}')]
     """
     target = writable(store, "import snapshots into")
     if on_error not in ("fail", "skip"):

@@ -526,6 +526,16 @@ def test_import_eventsourcing_snapshots_from_sqlite(tmp_path: Path) -> None:
     state = esw.replay(store, library, str(ann.id), snapshots=True)
     assert state["balance"] == Decimal("10.15")
     assert state["owner"] == "Ann"
+    # A declared fold adopts them too: its running values are read back from the state.
+    declared = esw.Aggregate(
+        "Account",
+        fields={"balance": esw.sum("amount", types="Deposited"), "top": esw.max("amount")},
+        decimals=True,
+        key=result.fold_key,
+    )
+    resumed = esw.replay(store, declared, str(ann.id), snapshots=True)
+    assert (resumed["balance"], resumed["top"]) == (Decimal("10.15"), Decimal("0.05"))
+    assert esw.replay(store, declared, str(ann.id))["top"] == Decimal("10.10")  # no snapshot
 
 
 def test_snapshot_dates_and_times_survive_a_replay(tmp_path: Path) -> None:
