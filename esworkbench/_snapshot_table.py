@@ -11,6 +11,7 @@ import json
 import time
 import uuid
 import weakref
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -29,7 +30,7 @@ from esworkbench.aggregates import Aggregate
 from esworkbench.errors import EsWorkbenchError, StoreError
 from esworkbench.store import Store
 
-__all__ = ["bind_view", "commit", "files", "query", "table_path", "writable"]
+__all__ = ["bind_view", "commit", "compact", "files", "query", "table_path", "writable"]
 
 _ROWS_PER_GROUP: Final = 8192
 _LOGS: weakref.WeakKeyDictionary[Store, DeltaTable] = weakref.WeakKeyDictionary()
@@ -193,9 +194,12 @@ class Writer:
             (self.root / self.relative).unlink(missing_ok=True)
 
 
-def commit(store: Store, actions: list[AddAction]) -> None:
-    """Commits written files to the snapshots table in one transaction, creating it if needed."""
-    if not actions:
+def commit(store: Store, actions: list[AddAction], removed: Sequence[RemoveAction] = ()) -> None:
+    """Commits written files to the snapshots table in one transaction, creating it if needed.
+
+    ``removed`` names files the commit takes out of the table (a compaction).
+    """
+    if not actions and not removed:
         return
     path = table_path(store)
     with store._locked():
@@ -210,8 +214,8 @@ def commit(store: Store, actions: list[AddAction]) -> None:
                     configuration={"delta.checkpointInterval": "10"},
                 )
             else:
-                added: list[AddAction | RemoveAction] = list(actions)
-                DeltaTable(str(path)).create_write_transaction(added, "append", SNAPSHOT_SCHEMA)
+                changes: list[AddAction | RemoveAction] = [*actions, *removed]
+                DeltaTable(str(path)).create_write_transaction(changes, "append", SNAPSHOT_SCHEMA)
         except (DeltaError, OSError) as exc:
             raise StoreError(
                 f"the commit to the snapshots table of store {store.path} failed: {exc}. "
@@ -235,3 +239,50 @@ def writable(store: object, verb: str) -> Store:
     raise EsWorkbenchError(
         f"{verb} needs a store, not {type(store).__name__}. Hint: pass esw.open_store(path)"
     )
+
+
+def compact(store: Store, keep: list[str] | None) -> tuple[int, int]:
+    """Rewrites the table as one file sorted by (aggregate_type, aggregate_id, version).
+
+    Keeps the snapshots whose fold_key is in ``keep`` (all when None), one per (aggregate_type,
+    aggregate_id, version, fold_key): the latest taken. Returns (kept, dropped). The old files
+    leave the table in the same commit; they stay on disk for readers that still list them.
+    """
+    listed = files(store)
+    if not listed:
+        return 0, 0
+    table = _LOGS[store]
+    old = pa.table(table.get_add_actions(flatten=True))
+    total = int(
+        store._session.execute(
+            "SELECT count(*) FROM read_parquet(?, hive_partitioning = false)", [listed]
+        )[0][0]
+    )
+    names = ", ".join(SNAPSHOT_SCHEMA.names)
+    where = "true" if keep is None else "list_contains(CAST(? AS VARCHAR[]), fold_key)"
+    text = (
+        f"SELECT {names} FROM read_parquet(?, hive_partitioning = false) WHERE {where} "
+        "QUALIFY row_number() OVER (PARTITION BY aggregate_type, aggregate_id, version, "
+        "fold_key ORDER BY taken_at DESC) = 1 "
+        "ORDER BY aggregate_type, aggregate_id, version, fold_key"
+    )
+    writer = Writer(store, "")
+    try:
+        with store._session._lock:
+            params: list[Any] = [listed] if keep is None else [listed, keep]
+            reader = store._session.connection.sql(text, params=params).to_arrow_reader(
+                _ROWS_PER_GROUP
+            )
+            for batch in reader:
+                writer.add_table(pa.Table.from_batches([batch]))
+        added = writer.close()
+        now = int(time.time() * 1000)
+        removed = [
+            RemoveAction(unquote(p), True, now, size)
+            for p, size in zip(old["path"].to_pylist(), old["size_bytes"].to_pylist(), strict=True)
+        ]
+        commit(store, added, removed)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.count, total - writer.count

@@ -16,7 +16,7 @@ most the last version of the unbroken run 1, 2, ... of events recorded by T. Bit
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit, urlunsplit
@@ -30,6 +30,7 @@ from esworkbench._snapshot_table import (
     Writer,
     bind_view,
     commit,
+    compact,
     query,
     table_path,
     writable,
@@ -45,6 +46,7 @@ __all__ = [
     "SnapshotImport",
     "StateError",
     "bind_view",
+    "compact_snapshots",
     "import_snapshots",
     "resume",
     "snapshot",
@@ -224,6 +226,39 @@ def _accumulators(folder: Folder, state: Any) -> list[Any]:
             value = Decimal(repr(value))
         acc.append(value)
     return acc
+
+
+def compact_snapshots(
+    store: Store, *, keep: Iterable[Aggregate | str] | None = None
+) -> tuple[int, int]:
+    """Rewrites the snapshots table as one sorted file; with ``keep``, drops other folds' ones.
+
+    Snapshots are caches: each call of :func:`snapshot` adds a file, and a changed fold leaves
+    its old snapshots behind, never used again. ``keep`` lists the folds (or fold_keys) whose
+    snapshots stay; without it every snapshot stays. Repeated states (the same stream, version
+    and fold_key) are kept once. One commit, under the store's writer lock.
+
+    Returns:
+        (kept, dropped): how many snapshots the table holds afterwards, and how many left it.
+
+    Examples:
+        >>> import tempfile, esworkbench as esw
+        >>> from esworkbench.snapshots import compact_snapshots
+        >>> store = esw.open_store(tempfile.mkdtemp())
+        >>> _ = store.append("acc-1", [esw.NewEvent("MoneyDeposited", {"amount": 5})] * 4,
+        ...                  aggregate_type="Account")
+        >>> old = esw.Aggregate("Account", fields={"n": esw.count()})
+        >>> new = esw.Aggregate("Account", fields={"n": esw.count(), "total": esw.sum("amount")})
+        >>> esw.snapshot(store, old, every=1), esw.snapshot(store, new, "acc-1")
+        (4, 1)
+        >>> compact_snapshots(store, keep=[new])
+        (1, 4)
+    """
+    target = writable(store, "compact the snapshots of")
+    keys = None
+    if keep is not None:
+        keys = [k.identity if isinstance(k, Aggregate) else str(k) for k in keep]
+    return compact(target, keys)
 
 
 # -- importing them -----------------------------------------------------------------------------

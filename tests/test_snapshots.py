@@ -616,3 +616,32 @@ def test_import_eventsourcing_snapshots_from_postgres(tmp_path: Path) -> None:
             for suffix in ("events", "snapshots"):
                 table = sql.Identifier(f"{name.lower()}_{suffix}")
                 connection.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
+
+
+def test_compaction_keeps_what_replays_use_and_drops_stale_folds(tmp_path: Path) -> None:
+    from esworkbench.snapshots import compact_snapshots
+
+    store = esw.open_store(tmp_path / "s")
+    for i in range(3):
+        deposits(store, f"acc-{i}", [str(v) for v in range(1, 7)])
+    reader = esw.open_store(tmp_path / "s")  # another handle that listed the old files
+    esw.snapshot(store, ACCOUNT, every=2)
+    assert esw.snapshot(store, ACCOUNT, "acc-1") == 0  # its head, 6, is there already
+    stale = esw.Aggregate("Account", initial={"balance": 0, "seen": 0},
+                          on={"MoneyDeposited": deposit})  # fmt: skip
+    esw.snapshot(store, stale, every=3)
+    assert esw.replay(reader, ACCOUNT, "acc-1", version=5, snapshots=True)["seen"] == 5
+    assert len(files(store)) == 2
+    assert compact_snapshots(store) == (9 + 6, 0)
+    assert len(files(store)) == 1
+    assert compact_snapshots(store, keep=[ACCOUNT]) == (9, 6)
+    assert {key for *_, key in rows(store)} == {ACCOUNT.identity}
+    for i in range(3):
+        for version in (None, 3, 5):
+            full = esw.replay(store, ACCOUNT, f"acc-{i}", version=version)
+            assert esw.replay(store, ACCOUNT, f"acc-{i}", version=version, snapshots=True) == full
+            assert esw.replay(reader, ACCOUNT, f"acc-{i}", version=version, snapshots=True) == full
+    assert compact_snapshots(store, keep=["nothing"]) == (0, 9)
+    assert files(store) == []
+    assert esw.snapshot(store, ACCOUNT, "acc-0") == 1
+    assert rows(store) == [("acc-0", 6, ACCOUNT.identity)]
