@@ -26,7 +26,7 @@ DSN = "postgresql://postgres@127.0.0.1:5432/test"
 TABLE = "bench_import_events"
 
 _CHILD = """
-import json, resource, sys, time
+import json, sys, time
 import esworkbench as esw
 store_path, source, table, size = sys.argv[1], sys.argv[2], sys.argv[3] or None, sys.argv[4]
 store = esw.open_store(store_path)
@@ -34,7 +34,10 @@ options = {"batch_size": int(size)} if size else {}
 started = time.perf_counter()
 result = esw.import_events(store, source, table=table, **options)
 seconds = time.perf_counter() - started
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a child would report the peak
+# of the benchmark process that started it (which generated the events).
+with open("/proc/self/status") as status:
+    rss = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 print(json.dumps({"imported": result.imported, "seconds": seconds, "peak_rss_mb": rss}))
 """
 
