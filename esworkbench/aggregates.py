@@ -64,6 +64,14 @@ class FoldError(EsWorkbenchError):
         self.aggregate_id = aggregate_id
         self.version = version
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Crosses from a worker process to the parent; keyword-only fields need saying so.
+        return (_fold_error, (str(self), self.aggregate_id, self.version))
+
+
+def _fold_error(message: str, aggregate_id: str, version: int) -> FoldError:
+    return FoldError(message, aggregate_id=aggregate_id, version=version)
+
 
 # -- declared pieces ---------------------------------------------------------------------------
 
@@ -333,13 +341,50 @@ class Aggregate:
 
 
 def _code_identity(function: Callable[..., Any]) -> str:
-    """What a handler does, as text: its bytecode, constants, names, defaults and closure."""
-    target = getattr(function, "__func__", function)
-    code = getattr(target, "__code__", None)
-    if code is None:
-        return repr(target)
-    closure = [repr(c.cell_contents) for c in (target.__closure__ or ())]
-    return repr((_code_text(code), repr(target.__defaults__), closure))
+    """What a handler does, as text that is the same in every process.
+
+    Its bytecode and constants, its defaults and closure, and, followed by name, the functions
+    it calls (a helper's change changes the identity too). Objects whose repr is an address are
+    known by their type only, so the text does not change between processes.
+    """
+    return repr(_identity(function, set()))
+
+
+def _identity(value: object, seen: set[int]) -> object:
+    if id(value) in seen:
+        return "<recursion>"
+    if isinstance(value, types.MethodType):  # the class form: the method and its class's others
+        owner = type(value.__self__)
+        seen.add(id(value))
+        methods = sorted(
+            (name, _identity(member, seen))
+            for name, member in vars(owner).items()
+            if isinstance(member, types.FunctionType)
+        )
+        return ("method", owner.__qualname__, methods)
+    if isinstance(value, types.FunctionType):
+        seen.add(id(value))
+        code = value.__code__
+        called = sorted(
+            (name, _identity(value.__globals__[name], seen))
+            for name in _names(code)
+            if isinstance(value.__globals__.get(name), types.FunctionType | type)
+        )
+        closure = [_identity(cell.cell_contents, seen) for cell in value.__closure__ or ()]
+        defaults = [_identity(d, seen) for d in value.__defaults__ or ()]
+        return (_code_text(code), defaults, closure, called)
+    if isinstance(value, type):
+        return ("class", value.__module__, value.__qualname__)
+    text = repr(value)
+    return type(value).__qualname__ if " at 0x" in text else text
+
+
+def _names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
 
 
 def _code_text(code: types.CodeType) -> tuple[object, ...]:

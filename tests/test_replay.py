@@ -342,3 +342,63 @@ def test_engines_agree_on_the_demo_history(tmp_path: Path) -> None:
         ids = [row[0] for row in carried]
         assert len(ids) > 100
         assert (balances[ids] == declared[ids]).all()
+
+
+IDENTITY_MODULE = """
+import esworkbench as esw
+
+RATE = 2
+
+def scale(amount):
+    return amount * {factor}
+
+def deposit(state, event):
+    return {{**state, "balance": state["balance"] + scale(event.data["amount"])}}
+
+fold = esw.Aggregate("Account", initial={{"balance": 0}}, on={{"MoneyDeposited": deposit}})
+"""
+
+
+def _identity_in_a_new_process(path: Path) -> str:
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('folds', {str(path)!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "print(module.fold.identity)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_a_folds_identity_is_stable_and_follows_the_helpers_it_calls(tmp_path: Path) -> None:
+    path = tmp_path / "folds.py"
+    path.write_text(IDENTITY_MODULE.format(factor=1))
+    first = _identity_in_a_new_process(path)
+    assert first == _identity_in_a_new_process(path)  # the same in every process
+    path.write_text(IDENTITY_MODULE.format(factor=100))  # only the helper changes
+    assert _identity_in_a_new_process(path) != first
+
+
+def test_a_handler_that_raises_in_a_worker_process_names_the_event(tmp_path: Path) -> None:
+    store = esw.open_store(tmp_path / "s")
+    store.append_batch(
+        [
+            {"aggregate_id": f"a{i % 5}", "aggregate_type": "A", "event_type": "E",
+             "data": {"x": i}}
+            for i in range(50)
+        ]
+    )  # fmt: skip
+
+    def boom(state: Any, event: esw.Event) -> Any:
+        if event.data["x"] == 33:
+            raise ValueError("boom")
+        return state
+
+    with pytest.raises(esw.FoldError, match=r"ValueError: boom at stream 'a3' version 7") as err:
+        esw.as_of(store, esw.Aggregate("A", initial={}, on={"E": boom}), workers=2)
+    assert (err.value.aggregate_id, err.value.version) == ("a3", 7)
