@@ -439,5 +439,10 @@ def aggregate(cls: type) -> Aggregate:
 
 
 def plain_number(value: Any) -> bool:
-    """Whether a value counts as a number for sum, min and max (bool does not)."""
+    """Whether a value counts as a number for sum, min and max (bool does not).
+
+    Examples:
+        >>> plain_number(Decimal("1.5")), plain_number(True), plain_number("2")
+        (True, False, False)
+    """
     return isinstance(value, int | float | Decimal) and not isinstance(value, bool)

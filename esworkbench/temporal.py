@@ -28,6 +28,7 @@ from esworkbench.engine import (
     decode_events,
     fold_all,
     fold_events,
+    paused_gc,
 )
 from esworkbench.errors import EsWorkbenchError, UnknownStreamError
 from esworkbench.events import TIMESTAMP
@@ -242,12 +243,19 @@ def as_of(
             {k: fields.get(k, v) for k, v in constant.items()},
             output,
         )
-    rows = fold_all(source, aggregate, where, params, workers=workers, progress=progress)
-    return frame(rows, output, initial=aggregate.start())
+    with paused_gc():
+        rows = fold_all(source, aggregate, where, params, workers=workers, progress=progress)
+        return frame(rows, output, initial=aggregate.start())
 
 
 def compiles(aggregate: Aggregate) -> bool:
-    """Whether the SQL engine can answer this fold (declared, and upcasters in SQL if any)."""
+    """Whether the SQL engine can answer this fold (declared, and upcasters in SQL if any).
+
+    Examples:
+        >>> import esworkbench as esw
+        >>> compiles(esw.Aggregate("A", fields={"n": esw.count()})), compiles(esw.generic("A"))
+        (True, False)
+    """
     upcasters = aggregate.upcasters
     return aggregate.declared and (upcasters is None or upcasters.sql_complete)
 
