@@ -488,7 +488,9 @@ def _fold_simple(
     rows: list[Row],
 ) -> None:
     """The hot loop for folds of handlers only: no declared fields, unknown types ignored."""
-    on_get, start = folder.on.get, folder.aggregate.start
+    on_get, initial = folder.on.get, folder.aggregate.initial
+    # A fresh state per stream: for a dict, list or set its C-level copy (what start() does).
+    start = initial.copy if type(initial) in (dict, list, set) else folder.aggregate.start
     handlers = list(map(on_get, map(attrgetter("event_type"), events)))
     first = end = 0
     try:
