@@ -15,6 +15,7 @@ or the exact aggregate_id (here).
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import unquote
 
+import duckdb
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
@@ -49,10 +51,25 @@ def hash_text(values: pa.Array | pa.ChunkedArray) -> Keys:
         >>> bool(keys[0] == keys[2]), bool(keys[0] == keys[1])
         (True, False)
     """
-    import polars as pl
+    with _HASHING:
+        connection = _hasher()
+        connection.register("_esw_text", pa.table({"text": values}))
+        try:
+            keys = connection.sql("SELECT hash(text) AS k FROM _esw_text").to_arrow_table()
+        finally:
+            connection.unregister("_esw_text")
+    out: Keys = keys["k"].to_numpy().astype(np.uint64, copy=False)
+    return out
 
-    series = pl.Series(values=values)
-    return series.hash(seed=0).to_numpy().astype(np.uint64, copy=False)
+
+@functools.cache
+def _hasher() -> duckdb.DuckDBPyConnection:
+    """DuckDB's hash, on a connection of its own: duckdb is loaded anyway, and it hashes a
+    batch of ids in a few milliseconds."""
+    return duckdb.connect()
+
+
+_HASHING: Final = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
