@@ -403,7 +403,7 @@ def fold_events(folder: Folder, events: Sequence[Event], cursor: Cursor | None =
 # -- every stream ------------------------------------------------------------------------------
 
 Row = tuple[str, int, int, Any]  # aggregate_id, version, last recorded_at (µs), state
-Range = tuple[str, str, int]  # first and last aggregate_id, events
+Range = tuple[str | None, str | None, int]  # aggregate_ids from (inclusive) to (exclusive), size
 _WORKER: dict[str, Folder] = {}
 
 
@@ -591,25 +591,30 @@ def fold_all(
     from tqdm.auto import tqdm
 
     args = [aggregate.name, *(params or [])]
-    ranges = _ranges(source, where, args, chunk_events)
+    ranges = _footer_ranges(source, aggregate.name, chunk_events)
+    if ranges is None:
+        ranges = _ranges(source, where, args, chunk_events)
     count = sum(n for _, _, n in ranges)
     columns = list(EAGER)
 
-    def read(lo: str, hi: str) -> pa.Table:
+    def read(lo: str | None, hi: str | None) -> pa.Table:
         # One query per range of streams: the files' aggregate_id statistics let DuckDB skip
         # the row groups outside it; the worker puts the rows in stream order (in_stream_order).
+        bounds = [("aggregate_id >= ?", lo), ("aggregate_id < ?", hi)]
         query = (
-            f"SELECT {', '.join(columns)} FROM events WHERE aggregate_type = ? AND ({where}) "
-            "AND aggregate_id BETWEEN ? AND ?"
+            f"SELECT {', '.join(columns)} FROM events WHERE aggregate_type = ? AND ({where})"
+            + "".join(f" AND {test}" for test, value in bounds if value is not None)
         )
-        return source.sql(query, [*args, lo, hi]).to_arrow_table()
+        values = [value for _, value in bounds if value is not None]
+        return source.sql(query, [*args, *values]).to_arrow_table()
 
     folder = Folder(aggregate)
 
-    def here(lo: str, hi: str) -> list[Row]:
+    def here(lo: str | None, hi: str | None) -> list[Row]:
         while True:
             try:
-                return fold_chunk(folder, read(lo, hi))
+                chunk = read(lo, hi)
+                return fold_chunk(folder, chunk)
             except MissingColumn as missing:
                 columns.append(missing.name)
 
@@ -621,6 +626,7 @@ def fold_all(
             for lo, hi, size in ranges:
                 rows.extend(here(lo, hi))
                 bar.update(size)
+            bar.total = bar.n  # the ranges' sizes were estimates
             return rows
         payload = cloudpickle.dumps(aggregate)
         # fork, not spawn: spawn re-imports a script's __main__ in every worker. The children
@@ -651,7 +657,44 @@ def fold_all(
                     collect()
             while pending:
                 collect()
+        bar.total = bar.n
     return rows
+
+
+def _footer_ranges(source: Source, aggregate_type: str, chunk_events: int) -> list[Range] | None:
+    """Ranges of aggregate_ids of about ``chunk_events`` rows each, from a store's Parquet footers.
+
+    Any cut of the id space keeps each stream whole, so the row groups' aggregate_id statistics
+    (sizes estimated from their row counts) serve without reading a single row. ``None`` when
+    the source is not a store, or a file lacks the statistics.
+    """
+    from esworkbench.store import Store
+
+    if not isinstance(source, Store):
+        return None
+    files = source.files
+    if files.num_rows == 0:
+        return []
+    if "partition.aggregate_type" not in files.column_names:
+        return None
+    chosen = files.filter(pc.equal(files["partition.aggregate_type"], aggregate_type))
+    groups: list[tuple[str, int]] = []
+    for path in source._absolute(chosen["path"].to_pylist()):
+        footer = source._index._footer(path)
+        for index, (low, _) in enumerate(footer.ranges):
+            if low is None:
+                return None
+            groups.append((low, footer.metadata.row_group(index).num_rows))
+    groups.sort()
+    starts: list[str | None] = [None]
+    sizes = [0]
+    for low, size in groups:
+        if sizes[-1] >= chunk_events and low != starts[-1]:
+            starts.append(low)
+            sizes.append(0)
+        sizes[-1] += size
+    ends = [*starts[1:], None]
+    return list(zip(starts, ends, sizes, strict=True))
 
 
 def _ranges(source: Source, where: str, args: list[Any], chunk_events: int) -> list[Range]:
@@ -670,7 +713,11 @@ def _ranges(source: Source, where: str, args: list[Any], chunk_events: int) -> l
     starts = np.concatenate([[0], np.flatnonzero(np.diff(group)) + 1])
     stops = np.concatenate([starts[1:], [len(sizes)]])
     return [
-        (ids[int(a)].as_py(), ids[int(b) - 1].as_py(), int(sizes[a:b].sum()))
+        (
+            None if a == 0 else ids[int(a)].as_py(),
+            None if b == len(sizes) else ids[int(b)].as_py(),
+            int(sizes[a:b].sum()),
+        )
         for a, b in zip(starts, stops, strict=True)
     ]
 

@@ -402,3 +402,31 @@ def test_a_handler_that_raises_in_a_worker_process_names_the_event(tmp_path: Pat
     with pytest.raises(esw.FoldError, match=r"ValueError: boom at stream 'a3' version 7") as err:
         esw.as_of(store, esw.Aggregate("A", initial={}, on={"E": boom}), workers=2)
     assert (err.value.aggregate_id, err.value.version) == ("a3", 7)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_stream_comes_out_whole_however_the_ids_are_cut(tmp_path: Path, workers: int) -> None:
+    from esworkbench.engine import _ranges, fold_all
+
+    store = esw.open_store(tmp_path / "s")
+    for commit in range(6):  # several files, each sorted, their id ranges overlapping
+        store.append_batch(
+            [
+                {"aggregate_id": f"s{(commit * 7 + i) % 23:02d}", "aggregate_type": "A",
+                 "event_type": "E", "data": {"n": commit * 100 + i}}
+                for i in range(17)
+            ]
+        )  # fmt: skip
+    fold = esw.Aggregate("A", initial=[], on={"E": lambda s, e: [*s, e.data["n"]]})
+    expected = {
+        row[0]: esw.replay(store, fold, row[0])
+        for row in store.sql("select aggregate_id from streams").fetchall()
+    }
+    for chunk_events in (1, 7, 1000):
+        rows = fold_all(store, fold, "true", [], workers=workers, chunk_events=chunk_events)
+        assert [r[0] for r in rows] == sorted(expected)
+        assert {r[0]: r[3] for r in rows} == expected
+    cuts = _ranges(store, "true", ["A"], 7)  # the cut a foreign lake gets: by stream counts
+    assert cuts[0][0] is None
+    assert cuts[-1][1] is None
+    assert sum(size for _, _, size in cuts) == 6 * 17
