@@ -20,8 +20,9 @@ import pyarrow as pa
 
 from esworkbench._foldsql import compile_as_of
 from esworkbench.aggregates import Aggregate
-from esworkbench.engine import Folder, Row, Source, decode_events, fold_all, fold_events
+from esworkbench.engine import Folder, Row, Source, decode_events, fold_events
 from esworkbench.errors import EsWorkbenchError
+from esworkbench.parallel import fold_all
 from esworkbench.query import translate
 from esworkbench.temporal import Output, _sql_rows, compiles, instant, read_events
 

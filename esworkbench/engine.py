@@ -9,20 +9,13 @@ travels to them with cloudpickle, so lambdas and closures from a notebook cell w
 
 from __future__ import annotations
 
-import gc
-import os
-import warnings
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, localcontext
 from itertools import repeat
-from multiprocessing import get_context
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-import cloudpickle  # type: ignore[import-untyped]
 import duckdb
 import msgspec
 import numpy as np
@@ -35,7 +28,7 @@ from esworkbench.errors import EsWorkbenchError
 if TYPE_CHECKING:
     from esworkbench.query import Params
 
-__all__ = ["Event", "Source", "decode_events", "fold_all", "fold_events"]
+__all__ = ["Event", "Folder", "Source", "decode_events", "fold_chunk", "fold_events"]
 
 EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _PLAIN: Final = msgspec.json.Decoder()
@@ -403,42 +396,6 @@ def fold_events(folder: Folder, events: Sequence[Event], cursor: Cursor | None =
 # -- every stream ------------------------------------------------------------------------------
 
 Row = tuple[str, int, int, Any]  # aggregate_id, version, last recorded_at (µs), state
-Range = tuple[str | None, str | None, int]  # aggregate_ids from (inclusive) to (exclusive), size
-_WORKER: dict[str, Folder] = {}
-
-
-@contextmanager
-def paused_gc() -> Iterator[None]:
-    """Pauses the cyclic garbage collector while millions of short-lived objects are made.
-
-    Folding allocates a dict per event; each full collection would walk every state kept so
-    far, so collections grow with the result. Refcounting still frees what a fold drops; cycles
-    a fold makes wait for the collector, which runs again afterwards.
-
-    Examples:
-        >>> import gc
-        >>> with paused_gc():
-        ...     gc.isenabled()
-        False
-        >>> gc.isenabled()
-        True
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _init_worker(payload: bytes) -> None:
-    _WORKER["folder"] = Folder(cloudpickle.loads(payload))
-
-
-def _fold_chunk_in_worker(batch: pa.RecordBatch) -> list[Row]:
-    with paused_gc():
-        return fold_chunk(_WORKER["folder"], batch)
 
 
 def fold_chunk(folder: Folder, batch: pa.RecordBatch | pa.Table) -> list[Row]:
@@ -568,165 +525,3 @@ def _concat(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
     if len(batches) == 1:
         return batches[0]
     return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
-
-
-def fold_all(
-    source: Source,
-    aggregate: Aggregate,
-    where: str,
-    params: Params,
-    *,
-    workers: int | None = None,
-    progress: bool | None = None,
-    chunk_events: int = 100_000,
-) -> list[Row]:
-    """Folds every stream of the aggregate's type whose events pass ``where``; one row each.
-
-    Examples:
-        >>> import tempfile, esworkbench as esw
-        >>> store = esw.open_store(tempfile.mkdtemp())
-        >>> fold_all(store, esw.generic("Account"), "true", [], workers=1)
-        []
-    """
-    from tqdm.auto import tqdm
-
-    args = [aggregate.name, *(params or [])]
-    ranges = _footer_ranges(source, aggregate.name, chunk_events)
-    if ranges is None:
-        ranges = _ranges(source, where, args, chunk_events)
-    count = sum(n for _, _, n in ranges)
-    columns = list(EAGER)
-
-    def read(lo: str | None, hi: str | None) -> pa.Table:
-        # One query per range of streams: the files' aggregate_id statistics let DuckDB skip
-        # the row groups outside it; the worker puts the rows in stream order (in_stream_order).
-        bounds = [("aggregate_id >= ?", lo), ("aggregate_id < ?", hi)]
-        query = (
-            f"SELECT {', '.join(columns)} FROM events WHERE aggregate_type = ? AND ({where})"
-            + "".join(f" AND {test}" for test, value in bounds if value is not None)
-        )
-        values = [value for _, value in bounds if value is not None]
-        return source.sql(query, [*args, *values]).to_arrow_table()
-
-    folder = Folder(aggregate)
-
-    def here(lo: str | None, hi: str | None) -> list[Row]:
-        while True:
-            try:
-                chunk = read(lo, hi)
-                return fold_chunk(folder, chunk)
-            except MissingColumn as missing:
-                columns.append(missing.name)
-
-    workers = _workers(workers, count)
-    rows: list[Row] = []
-    disable = None if progress is None else not progress
-    with tqdm(total=count, unit="event", desc=f"replay {aggregate.name}", disable=disable) as bar:
-        if workers <= 1:
-            for lo, hi, size in ranges:
-                rows.extend(here(lo, hi))
-                bar.update(size)
-            bar.total = bar.n  # the ranges' sizes were estimates
-            return rows
-        payload = cloudpickle.dumps(aggregate)
-        # fork, not spawn: spawn re-imports a script's __main__ in every worker. The children
-        # only run pyarrow, msgspec and the fold, never DuckDB, whose threads fork would orphan.
-        context = get_context("fork")
-        with (
-            warnings.catch_warnings(),
-            ProcessPoolExecutor(workers, context, _init_worker, (payload,)) as pool,
-        ):
-            warnings.filterwarnings(
-                "ignore", "This process .* is multi-threaded", DeprecationWarning
-            )
-            pending: list[tuple[Future[list[Row]], Range]] = []
-
-            def collect() -> None:
-                future, (lo, hi, size) = pending.pop(0)
-                try:
-                    rows.extend(future.result())
-                except MissingColumn as missing:
-                    if missing.name not in columns:
-                        columns.append(missing.name)
-                    rows.extend(here(lo, hi))
-                bar.update(size)
-
-            for lo, hi, size in ranges:
-                pending.append((pool.submit(_fold_chunk_in_worker, read(lo, hi)), (lo, hi, size)))
-                while len(pending) > 2 * workers:  # bounded: at most a few chunks in flight
-                    collect()
-            while pending:
-                collect()
-        bar.total = bar.n
-    return rows
-
-
-def _footer_ranges(source: Source, aggregate_type: str, chunk_events: int) -> list[Range] | None:
-    """Ranges of aggregate_ids of about ``chunk_events`` rows each, from a store's Parquet footers.
-
-    Any cut of the id space keeps each stream whole, so the row groups' aggregate_id statistics
-    (sizes estimated from their row counts) serve without reading a single row. ``None`` when
-    the source is not a store, or a file lacks the statistics.
-    """
-    from esworkbench.store import Store
-
-    if not isinstance(source, Store):
-        return None
-    files = source.files
-    if files.num_rows == 0:
-        return []
-    if "partition.aggregate_type" not in files.column_names:
-        return None
-    chosen = files.filter(pc.equal(files["partition.aggregate_type"], aggregate_type))
-    groups: list[tuple[str, int]] = []
-    for path in source._absolute(chosen["path"].to_pylist()):
-        footer = source._index._footer(path)
-        for index, (low, _) in enumerate(footer.ranges):
-            if low is None:
-                return None
-            groups.append((low, footer.metadata.row_group(index).num_rows))
-    groups.sort()
-    starts: list[str | None] = [None]
-    sizes = [0]
-    for low, size in groups:
-        if sizes[-1] >= chunk_events and low != starts[-1]:
-            starts.append(low)
-            sizes.append(0)
-        sizes[-1] += size
-    ends = [*starts[1:], None]
-    return list(zip(starts, ends, sizes, strict=True))
-
-
-def _ranges(source: Source, where: str, args: list[Any], chunk_events: int) -> list[Range]:
-    """Consecutive ranges of aggregate_ids holding about ``chunk_events`` events each."""
-    counts = source.sql(
-        f"SELECT aggregate_id, count(*) FROM events WHERE aggregate_type = ? AND ({where}) "
-        "GROUP BY aggregate_id ORDER BY aggregate_id",
-        args,
-    ).to_arrow_table()
-    if counts.num_rows == 0:
-        return []
-    ids = counts.column(0)
-    sizes = counts.column(1).to_numpy()
-    ends = np.cumsum(sizes)
-    group = (ends - 1) // max(chunk_events, 1)
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(group)) + 1])
-    stops = np.concatenate([starts[1:], [len(sizes)]])
-    return [
-        (
-            None if a == 0 else ids[int(a)].as_py(),
-            None if b == len(sizes) else ids[int(b)].as_py(),
-            int(sizes[a:b].sum()),
-        )
-        for a, b in zip(starts, stops, strict=True)
-    ]
-
-
-def _workers(workers: int | None, events: int) -> int:
-    if workers is not None:
-        if not isinstance(workers, int) or workers < 1:
-            raise EsWorkbenchError(f"workers={workers!r} must be a positive integer")
-        return workers
-    if events < 200_000:  # starting processes costs more than folding this few events
-        return 1
-    return min(os.cpu_count() or 1, 8)

@@ -26,12 +26,11 @@ from esworkbench.engine import (
     Row,
     Source,
     decode_events,
-    fold_all,
     fold_events,
-    paused_gc,
 )
 from esworkbench.errors import EsWorkbenchError, UnknownStreamError
 from esworkbench.events import TIMESTAMP
+from esworkbench.parallel import fold_all, paused_gc
 from esworkbench.query import translate
 
 if TYPE_CHECKING:
@@ -244,7 +243,7 @@ def as_of(
             output,
         )
     with paused_gc():
-        rows = fold_all(source, aggregate, where, params, workers=workers, progress=progress)
+        rows = fold_all(source, aggregate, until=bound, workers=workers, progress=progress)
         return frame(rows, output, initial=aggregate.start())
 
 

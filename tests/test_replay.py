@@ -406,7 +406,7 @@ def test_a_handler_that_raises_in_a_worker_process_names_the_event(tmp_path: Pat
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_every_stream_comes_out_whole_however_the_ids_are_cut(tmp_path: Path, workers: int) -> None:
-    from esworkbench.engine import _ranges, fold_all
+    from esworkbench.parallel import _ranges, fold_all
 
     store = esw.open_store(tmp_path / "s")
     for commit in range(6):  # several files, each sorted, their id ranges overlapping
