@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -227,7 +228,7 @@ def _tree_pss_mb() -> float:
     return sum(_pss_kb(pid) for pid in pids) / 1024
 
 
-def python_fold_child(store_path: str, workers: int | None) -> None:
+def python_fold_child(store_path: str, workers: int | None, *, floats: bool = False) -> None:
     """Run in a fresh process: the Python replay of every account; prints JSON figures.
 
     Peak memory is sampled every 20 ms as the summed PSS of this process and its workers, so
@@ -245,7 +246,8 @@ def python_fold_child(store_path: str, workers: int | None) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.perf_counter()
-    frame = esw.as_of(store, ACCOUNT, workers=workers, progress=False)
+    fold = dataclasses.replace(ACCOUNT, decimals=False) if floats else ACCOUNT
+    frame = esw.as_of(store, fold, workers=workers, progress=False)
     took = time.perf_counter() - start
     done.set()
     sampler.join()
@@ -253,10 +255,12 @@ def python_fold_child(store_path: str, workers: int | None) -> None:
                       "peak_pss_mb": peak[0]}))  # fmt: skip
 
 
-def python_fold(store: Path, repeat: int, workers: int | None) -> dict[str, Any]:
+def python_fold(
+    store: Path, repeat: int, workers: int | None, *, floats: bool = False
+) -> dict[str, Any]:
     runs = []
     for _ in range(repeat):
-        command = [sys.executable, __file__, "--child", str(store)]
+        command = [sys.executable, __file__, "--child", str(store), *(["--floats"] * floats)]
         if workers is not None:
             command += ["--workers", str(workers)]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -325,6 +329,9 @@ def report(r: dict[str, Any]) -> str:
         f"| Python fold over every event (bank fold, exact Decimals) | "
         f"{p['eps'] / 1e6:.2f}M events/s ({p['s']:.1f} s) | naive loop over decoded dicts "
         f"{r['naive_loop_eps'] / 1e6:.2f}M events/s | | ≥ 1M events/s |",
+        f"| the same fold with floats (``decimals=False``) | "
+        f"{r['python_floats']['eps'] / 1e6:.2f}M events/s ({r['python_floats']['s']:.1f} s) "
+        "| | | |",
         f"| one stream as of a random instant, p50 / p99 | {o['p50_ms']:.1f} / "
         f"{o['p99_ms']:.1f} ms | PostgreSQL read + the same fold "
         f"{o.get('postgres_p50_ms', float('nan')):.1f} / "
@@ -347,9 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=HERE / "stores")
     parser.add_argument("--wait-quiet", type=float, default=300, help="seconds to wait at most")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--floats", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        python_fold_child(args.child, args.workers)
+        python_fold_child(args.child, args.workers, floats=args.floats)
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     path, csv = build(args.events, args.seed, args.work)
@@ -368,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     results["declared"] = declared(store, dsn, args.repeat)
     log("python fold, every event")
     results["python"] = python_fold(path, args.repeat, args.workers)
+    results["python_floats"] = python_fold(path, args.repeat, args.workers, floats=True)
     results["naive_loop_eps"] = naive_rate(store, 500_000)
     log("one stream as of T")
     results["one_stream"] = one_stream(store, dsn, args.samples, args.seed)
