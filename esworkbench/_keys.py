@@ -338,7 +338,9 @@ class KeyIndex:
         elif any(path not in listed for path in self._paths):
             self._reset()  # a file left the log (compaction): build again when next asked
         elif background:
-            self._pending = threading.Thread(target=self._sync_quietly, daemon=True)
+            # Not a daemon: the interpreter waits for it at exit. A daemon thread killed inside
+            # Arrow's C++ at shutdown aborts the process ("exception not rethrown").
+            self._pending = threading.Thread(target=self._sync_quietly, daemon=False)
             self._pending.start()
         else:
             self._sync()  # keeps the notes few: adds what this process wrote, reads the rest
