@@ -86,13 +86,64 @@ class Continuity:
         continue their streams and rows that cannot; ``bad`` (rows the field checks refused)
         break their streams from their source position on."""
         streamed = bad.filter(pc.is_valid(bad["aggregate_id"]))
-        count, total = good.num_rows, good.num_rows + streamed.num_rows
-        if total == 0:
+        count = good.num_rows
+        if count + streamed.num_rows == 0:
             return Verdict(good, good.slice(0, 0), [], [])
         names = ["source_position", "aggregate_id", "aggregate_type", "version"]
         rows = good.select(names)
         if streamed.num_rows:
             rows = pa.concat_tables([rows, streamed.select(names)])
+        s = self._sorted(rows)
+        head, kind, broken, places, known = self._look_up(
+            s.streams, rows, s.order[s.first], s.kind[s.first]
+        )
+        expected = head[s.group] + s.rank
+        problem = _problems(s, expected, kind, broken, refused=s.order >= count)
+        at = np.where(problem > 0, s.position, _NONE)
+        first_bad = np.minimum.reduceat(at, s.first)
+        ok_s = (problem == 0) & (s.position < first_bad[s.group])
+        moved = np.stack(
+            [
+                head + np.add.reduceat(ok_s.astype(np.int64), s.first),
+                kind.view(np.int64),
+                np.minimum(broken, first_bad),
+            ],
+            axis=1,
+        )
+        self._streams.update(places, moved)
+        self._streams.add(s.streams[~known], moved[~known])
+        # Back from stream order to the batch's order.
+        ok = np.empty(len(s.order), dtype=bool)
+        ok[s.order] = ok_s
+        versions = np.empty(len(s.order), np.int64)
+        versions[s.order] = expected
+        keep = ok[:count]
+        if keep.all():  # the usual case: no copy of the batch
+            return Verdict(_with_versions(good, versions[:count]), good.slice(0, 0), [], [])
+        placed = _with_versions(good.filter(pa.array(keep)), versions[:count][keep])
+        back = np.empty(len(s.order), np.int64)
+        back[s.order] = np.arange(len(s.order))  # row -> its place in stream order
+        out = np.flatnonzero(~keep)
+        refused = good.take(pa.array(out))
+        reasons: list[str] = []
+        heads: list[int | None] = []
+        for row, i in zip(refused.to_pylist(), back[out], strict=True):
+            stream = s.group[i]
+            reason, conflict = _reason(
+                row,
+                problem=int(problem[i]),
+                expected=int(expected[i]),
+                broken_at=int(broken[stream]),
+                first_bad=int(first_bad[stream]),
+                kind=self._names.get(int(kind[stream])),
+            )
+            reasons.append(reason)
+            heads.append(int(expected[i]) - 1 if conflict else None)
+        return Verdict(placed, refused, reasons, heads)
+
+    def _sorted(self, rows: pa.Table) -> _Sorted:
+        """The batch's rows in stream order, each stream's rows by place in the source."""
+        total = rows.num_rows
         hashes = self._query(
             _HASHES,
             rows.select(["source_position", "aggregate_id", "aggregate_type"]).append_column(
@@ -100,78 +151,26 @@ class Continuity:
             ),
         )
         order = hashes["_i"].to_numpy()
-        key_s = hashes["k"].to_numpy()
-        kind_s = hashes["t"].to_numpy()
-        kinds, where = np.unique(kind_s, return_index=True)  # a few aggregate_types: for messages
+        key = hashes["k"].to_numpy()
+        kind = hashes["t"].to_numpy()
+        kinds, where = np.unique(kind, return_index=True)  # a few aggregate_types: for messages
         names = rows["aggregate_type"].take(pa.array(order[where])).to_pylist()
         self._names.update(zip(kinds.tolist(), names, strict=True))
-        position = rows["source_position"].to_numpy()
-        version = pc.fill_null(rows["version"], 0).to_numpy()  # 0: none given (versions are >= 1)
-        refused = np.arange(total) >= count
         starts = np.ones(total, dtype=bool)
-        starts[1:] = key_s[1:] != key_s[:-1]
+        starts[1:] = key[1:] != key[:-1]
         group = np.cumsum(starts) - 1
         first = np.flatnonzero(starts)
-        rank = np.arange(total) - first[group] + 1
-        streams = key_s[first]
-        head, stream_kind, broken, places, known = self._look_up(
-            streams, rows, order[first], kind_s[first]
+        version = pc.fill_null(rows["version"], 0).to_numpy()  # 0: none given (versions >= 1)
+        return _Sorted(
+            order=order,
+            streams=key[first],
+            kind=kind,
+            position=rows["source_position"].to_numpy()[order],
+            version=version[order],
+            group=group,
+            first=first,
+            rank=np.arange(total) - first[group] + 1,
         )
-        expected = head[group] + rank
-        problem = np.zeros(total, np.int8)
-        given = version[order]
-        has = given > 0
-        for code, where in (
-            (_GAP, has & (given > expected)),
-            (_DUPLICATE, has & (given < expected)),
-            (_TYPE, kind_s != stream_kind[group]),
-            (_BROKEN, broken[group] != _NONE),
-            (_REFUSED, refused[order]),
-        ):
-            problem[where] = code
-        at = np.where(problem > 0, position[order], _NONE)
-        first_bad = np.minimum.reduceat(at, first)
-        ok_s = (problem == 0) & (position[order] < first_bad[group])
-        moved = np.stack(
-            [
-                head + np.add.reduceat(ok_s.astype(np.int64), first),
-                stream_kind.view(np.int64),
-                np.minimum(broken, first_bad),
-            ],
-            axis=1,
-        )
-        self._streams.update(places, moved)
-        self._streams.add(streams[~known], moved[~known])
-        ok = np.empty(total, dtype=bool)
-        ok[order] = ok_s
-        versions = np.empty(total, np.int64)
-        versions[order] = expected
-        keep = ok[:count]
-        if keep.all():  # the usual case: no copy of the batch
-            placed = _with_versions(good, versions[:count])
-            return Verdict(placed, good.slice(0, 0), [], [])
-        placed = _with_versions(good.filter(pa.array(keep)), versions[:count][keep])
-        back = np.empty(total, np.int64)
-        back[order] = np.arange(total)  # row -> its place in the sorted order
-        out = np.flatnonzero(~keep)
-        details = [
-            {
-                "problem": int(problem[back[i]]),
-                "expected": int(expected[back[i]]),
-                "broken_at": int(broken[group[back[i]]]),
-                "first_bad": int(first_bad[group[back[i]]]),
-                "kind": self._names.get(int(stream_kind[group[back[i]]])),
-            }
-            for i in out
-        ]
-        refused_rows = good.take(pa.array(out))
-        reasons: list[str] = []
-        heads: list[int | None] = []
-        for row, detail in zip(refused_rows.to_pylist(), details, strict=True):
-            reason, conflict = _reason(row, detail)
-            reasons.append(reason)
-            heads.append(int(str(detail["expected"])) - 1 if conflict else None)
-        return Verdict(placed, refused_rows, reasons, heads)
 
     def _look_up(
         self, streams: np.ndarray, rows: pa.Table, firsts: np.ndarray, first_kinds: np.ndarray
@@ -196,16 +195,54 @@ class Continuity:
         return head, kinds, broken, places, known
 
 
+@dataclass(frozen=True, slots=True)
+class _Sorted:
+    """A batch in stream order: ``order`` maps each place to the row of the batch."""
+
+    order: np.ndarray
+    streams: np.ndarray  # the hash of each stream, ascending
+    kind: np.ndarray  # the hash of each row's aggregate_type
+    position: np.ndarray
+    version: np.ndarray  # 0 where none is given
+    group: np.ndarray  # each row's stream, as an index into streams
+    first: np.ndarray  # each stream's first place
+    rank: np.ndarray  # 1 for a stream's first row in the batch, 2 for the next ...
+
+
+def _problems(
+    s: _Sorted, expected: np.ndarray, kind: np.ndarray, broken: np.ndarray, refused: np.ndarray
+) -> np.ndarray:
+    """Each row's problem (0 for none); where several apply, the last listed wins."""
+    problem = np.zeros(len(s.order), np.int8)
+    given = s.version > 0
+    for code, where in (
+        (_GAP, given & (s.version > expected)),
+        (_DUPLICATE, given & (s.version < expected)),
+        (_TYPE, s.kind != kind[s.group]),
+        (_BROKEN, broken[s.group] != _NONE),
+        (_REFUSED, refused),
+    ):
+        problem[where] = code
+    return problem
+
+
 def _with_versions(table: pa.Table, versions: np.ndarray) -> pa.Table:
     at = table.schema.get_field_index("version")
     return table.set_column(at, "version", pa.array(versions, pa.int64()))
 
 
-def _reason(row: Mapping[str, object], detail: Mapping[str, object]) -> tuple[str, bool]:
+def _reason(
+    row: Mapping[str, object],
+    *,
+    problem: int,
+    expected: int,
+    broken_at: int,
+    first_bad: int,
+    kind: str | None,
+) -> tuple[str, bool]:
     """Why a row cannot continue its stream, and whether that is a version conflict."""
     stream = row["aggregate_id"]
-    problem = detail["problem"]
-    following = detail["broken_at"] if problem == _BROKEN else detail["first_bad"]
+    following = broken_at if problem == _BROKEN else first_bad
     if problem in (0, _BROKEN) or row["source_position"] != following:
         return (
             f"stream {stream!r} was broken at source position {following}, which is refused; "
@@ -215,10 +252,9 @@ def _reason(row: Mapping[str, object], detail: Mapping[str, object]) -> tuple[st
     if problem == _TYPE:
         return (
             f"field 'aggregate_type' is {row['aggregate_type']!r}, but stream {stream!r} is of "
-            f"aggregate_type {detail['kind']!r}; a stream keeps one aggregate_type",
+            f"aggregate_type {kind!r}; a stream keeps one aggregate_type",
             False,
         )
-    expected = detail["expected"]
     if problem == _DUPLICATE:
         return (
             f"field 'version' is {row['version']}, which stream {stream!r} already has (a "
