@@ -361,6 +361,11 @@ class KeyIndex:
             self._failed = False
             self._reset()
 
+    @property
+    def built(self) -> bool:
+        """Whether the index has been built (a build reads the files it has no notes of)."""
+        return self._built
+
     def stage(self, relative_path: str, keys: FileKeys) -> None:
         """Notes what a written, not yet committed file holds, for when the log lists it."""
         self._staged[relative_path] = keys

@@ -438,7 +438,8 @@ class Store:
             action = _layout.write_file(
                 self.table_path, kind, rows, row_group_size=row_group_size, presorted=True
             )
-            self._keys.stage(action.path, FileKeys.of(rows, presorted=True))
+            if self._keys.built:  # else a build reads the file, and appends skip the work
+                self._keys.stage(action.path, FileKeys.of(rows, presorted=True))
             return action
 
         if len(parts) == 1:
