@@ -84,6 +84,11 @@ def gather(rows: pa.Table, order: pa.Array) -> pa.Table:
 
     Gathering each column on its own is several times faster here than ``Table.take``, and
     Arrow gathers outside the GIL, so two threads keep both cores busy.
+
+    Examples:
+        >>> import pyarrow as pa
+        >>> gather(pa.table({"a": [1, 2, 3]}), pa.array([2, 0, 1]))["a"].to_pylist()
+        [3, 1, 2]
     """
     columns = rows.columns
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
