@@ -121,9 +121,13 @@ def fold_all(
             columns = list(EAGER)
             tasks = [(lo, hi, g, until) for (lo, hi, _), g in zip(ranges, groups, strict=True)]
             if workers <= 1:
-                for task, (_, _, size) in zip(tasks, ranges, strict=True):
-                    rows.extend(_fold_files(folder, columns, *task))
-                    bar.update(size)
+                try:
+                    for task, (_, _, size) in zip(tasks, ranges, strict=True):
+                        rows.extend(_fold_files(folder, columns, *task))
+                        bar.update(size)
+                finally:
+                    for handle in _WORKER.pop("files", {}).values():
+                        handle.close()
             else:
                 with _pool(aggregate, workers) as pool:
                     for result, size in _bounded(pool, _fold_files_in_worker, tasks, ranges):
@@ -232,7 +236,7 @@ def _read_files(
     groups: Groups, columns: list[str], lo: str | None, hi: str | None, until: datetime | None
 ) -> pa.Table:
     parts = [
-        pq.ParquetFile(path).read_row_groups(indexes, columns=columns, use_threads=False)
+        _parquet(path).read_row_groups(indexes, columns=columns, use_threads=False)
         for path, indexes in groups
     ]
     if not parts:
@@ -249,6 +253,20 @@ def _read_files(
         if test is not None:
             keep = test if keep is None else pc.and_(keep, test)
     return table if keep is None else table.filter(keep)
+
+
+def _parquet(path: str) -> pq.ParquetFile:
+    """An open Parquet file, kept per process: parsing a footer again for each range is a
+    millisecond per file per range."""
+    opened: dict[str, pq.ParquetFile] = _WORKER.setdefault("files", {})
+    found = opened.get(path)
+    if found is None:
+        if len(opened) >= 256:
+            for handle in opened.values():
+                handle.close()
+            opened.clear()
+        found = opened[path] = pq.ParquetFile(path)
+    return found
 
 
 class _DuckDBReader:
