@@ -74,6 +74,20 @@ def bind_view(store: Store) -> None:
         >>> store.sql("select count(*) from snapshots").fetchall()
         [(0,)]
     """
+    watch(store)
+    store._session.bind_snapshots(files(store))
+
+
+def watch(store: Store) -> None:
+    """Lets the store's session list the snapshots table's files when a query names it.
+
+    Examples:
+        >>> import tempfile, esworkbench as esw
+        >>> store = esw.open_store(tempfile.mkdtemp())
+        >>> watch(store)
+        >>> store.sql("select count(*) from snapshots").fetchall()
+        [(0,)]
+    """
     session = store._session
     if session.snapshot_files is None:
         owner = weakref.ref(store)
@@ -83,7 +97,6 @@ def bind_view(store: Store) -> None:
             return [] if alive is None else files(alive)
 
         session.snapshot_files = listing
-    session.bind_snapshots(files(store))
 
 
 def query(store: Store, text: str, params: list[Any]) -> list[tuple[Any, ...]]:

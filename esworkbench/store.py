@@ -113,6 +113,9 @@ class Store:
         # Event keys and stream heads for batch appends, built on the first batch.
         self._keys = KeyIndex(self.table_path)
         self._session: Session = KeyedSession(self._keys)
+        from esworkbench import _snapshot_table  # imports this module: here, not at the top
+
+        _snapshot_table.watch(self)  # the snapshots view lists its own table when queried
         self._index = RowGroupIndex()
         self._loaded_version = -1
         self._bound_version = -1

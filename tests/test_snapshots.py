@@ -645,3 +645,12 @@ def test_compaction_keeps_what_replays_use_and_drops_stale_folds(tmp_path: Path)
     assert files(store) == []
     assert esw.snapshot(store, ACCOUNT, "acc-0") == 1
     assert rows(store) == [("acc-0", 6, ACCOUNT.identity)]
+
+
+def test_a_fresh_handle_sees_the_snapshots_view(tmp_path: Path) -> None:
+    writer = esw.open_store(tmp_path / "s")
+    writer.append("acc-1", [{"event_type": "Opened", "data": {"n": 1}}],
+                  aggregate_type="Account", expected_version=0)  # fmt: skip
+    assert esw.snapshot(writer, esw.generic("Account"), "acc-1") == 1
+    reader = esw.open_store(tmp_path / "s")  # no snapshot function ran on this handle
+    assert reader.sql("select aggregate_id, version from snapshots").fetchall() == [("acc-1", 1)]
