@@ -25,6 +25,8 @@ quickstart: setup
 	  from events where aggregate_type = 'Account' and event_type in ('MoneyDeposited', 'MoneyWithdrawn') \
 	  and recorded_at <= TIMESTAMPTZ '2024-01-03 14:03:00+00' group by aggregate_id \
 	  order by aggregate_id limit 10"
+	$(BIN)/esw replay $(STORE) --aggregate acc-00000001 --at 2024-01-03T14:03:00Z \
+	  --fold esworkbench.demo_folds:ACCOUNT
 	ESW_STORE=$(abspath $(STORE)) $(BIN)/jupyter lab notebooks/quickstart.ipynb $(JUPYTER_FLAGS)
 
 lint: setup-test
