@@ -8,7 +8,7 @@ engine is exact for any number.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any, Final
 
@@ -17,13 +17,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from esworkbench.aggregates import Aggregate, Piece
+from esworkbench.engine import _EXACT, _PLAIN, EPOCH, _decode_column
 from esworkbench.events import dumps_json
 
-__all__ = ["compile_as_of", "compile_timeline", "present_columns", "present_sql"]
+__all__ = ["compile_as_of", "compile_timeline", "present_columns"]
 
 _NUMBER: Final = "('BIGINT', 'UBIGINT', 'DOUBLE')"
-_PLAIN: Final = msgspec.json.Decoder()
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def json_path(field: str) -> str:
@@ -115,37 +114,6 @@ def compile_as_of(
     return query, [*params, paths, aggregate.name, *where_params]
 
 
-def present_sql(aggregate: Aggregate, row: tuple[Any, ...], decode: Any) -> dict[str, Any]:
-    """The declared fields of one result row, as the Python engine would show them."""
-    state: dict[str, Any] = dict(aggregate.start())
-    column = 3
-    for name, piece in aggregate.fields.items():
-        value = row[column]
-        column += 1
-        if piece.kind == "sum":
-            fraction = row[column]
-            column += 1
-            state[name] = _sum(value, fraction, decimals=aggregate.decimals)
-        elif piece.kind in ("last", "min", "max", "status"):
-            state[name] = piece.initial() if value is None else decode(value)
-        elif piece.kind == "count":
-            state[name] = int(value)
-        else:
-            state[name] = value
-    return state
-
-
-def _sum(value: Decimal | None, fraction: bool | None, *, decimals: bool) -> Any:
-    if value is None:
-        return 0
-    if not fraction:
-        return int(value)
-    if not decimals:
-        return float(value)
-    exact = value.normalize()
-    return exact.quantize(Decimal(1)) if exact == exact.to_integral_value() else exact
-
-
 # -- the window form: every version of every stream, for timelines --------------------------------
 
 
@@ -199,7 +167,7 @@ def compile_timeline(
     """The query for every version of every stream of a declared aggregate (window functions).
 
     Columns: aggregate_id, version, recorded_at, then the declared fields exactly as
-    :func:`compile_as_of` lays them out (so :func:`present_sql` reads a row of either), then
+    :func:`compile_as_of` lays them out (so :func:`present_columns` reads either), then
     event_type, event_id, user_id, correlation_id and valid_to (the next event's recorded_at).
     Each field is a running aggregate over the stream's events up to and including the row.
     ``source`` is the relation the events come from, as for :func:`compile_as_of`; each event's
@@ -235,8 +203,8 @@ def present_columns(
     aggregate: Aggregate, table: pa.Table, *, arrow_instants: bool = False
 ) -> dict[str, Any]:
     """The declared fields of a result (of :func:`compile_timeline` or :func:`compile_as_of`)
-    column by column, as the Python engine would show them: :func:`present_sql` for a whole
-    table, with each JSON column decoded in one call. With ``arrow_instants`` the instants stay
+    column by column, as the Python engine would show them, each JSON column decoded in one
+    call. With ``arrow_instants`` the instants stay
     Arrow timestamp columns (for a frame, which converts them in one call).
 
     Examples:
@@ -247,7 +215,7 @@ def present_columns(
         >>> present_columns(fold, table)
         {'owner': ['Ann'], 'n': [1]}
     """
-    decoder = msgspec.json.Decoder(float_hook=Decimal) if aggregate.decimals else _PLAIN
+    decoder = _EXACT if aggregate.decimals else _PLAIN
     fields: dict[str, list[Any]] = {}
     column = 3
     for name, piece in aggregate.fields.items():
@@ -265,7 +233,7 @@ def present_columns(
             fields[name] = values
         else:  # instants: through integers, ten times faster than Arrow's aware datetimes
             fields[name] = [
-                None if us is None else _EPOCH + timedelta(microseconds=us)
+                None if us is None else EPOCH + timedelta(microseconds=us)
                 for us in pc.cast(values, pa.int64()).to_pylist()
             ]
     return fields
@@ -292,12 +260,8 @@ def _sums(values: pa.ChunkedArray, fractions: pa.ChunkedArray, *, decimals: bool
 
 
 def _decode(texts: pa.ChunkedArray, decoder: msgspec.json.Decoder[Any], null: Any) -> list[Any]:
-    """JSON texts decoded in one call (joined as JSON lines); SQL NULLs become ``null``."""
-    texts = texts.combine_chunks()
-    if len(texts) == 0:
-        return []
-    lines = pa.ListArray.from_arrays(pa.array([0, len(texts)], pa.int32()), texts.fill_null("0"))
-    values: list[Any] = decoder.decode_lines(pc.binary_join(lines, "\n")[0].as_buffer())
+    """JSON texts decoded in one call (the engine's decoder of data); SQL NULLs become ``null``."""
+    values = _decode_column(texts, decoder)
     if texts.null_count:
         for i in pc.indices_nonzero(texts.is_null()).to_pylist():
             values[i] = null

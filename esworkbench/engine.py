@@ -2,9 +2,9 @@
 
 Events reach a fold as :class:`Event` objects built per Arrow batch: ``data`` is decoded for the
 whole batch at once (msgspec over the joined JSON lines), the other columns are converted only when
-a handler first asks for them. Every stream of a type is folded from one DuckDB scan ordered by
-(aggregate_id, version), cut at stream boundaries and spread over worker processes; the fold
-travels to them with cloudpickle, so lambdas and closures from a notebook cell work too.
+a handler first asks for them. :class:`Folder` is the one place a fold step runs; every tool
+(replay, timelines, steps, snapshots) and :mod:`esworkbench.parallel`, which folds every stream
+of a type in worker processes, go through it.
 """
 
 from __future__ import annotations

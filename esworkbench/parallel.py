@@ -225,11 +225,7 @@ def _fold_files(
     until: datetime | None,
 ) -> list[Row]:
     """Reads a range's row groups from the store's files and folds them."""
-    while True:
-        try:
-            return fold_chunk(folder, _read_files(groups, columns, lo, hi, until))
-        except MissingColumn as missing:  # a fold asked for more: read it too, fold again
-            columns.append(missing.name)
+    return _fold_reading(folder, columns, lambda: _read_files(groups, columns, lo, hi, until))
 
 
 def _read_files(
@@ -289,11 +285,17 @@ class _DuckDBReader:
 
 
 def _fold_read(folder: Folder, reader: _DuckDBReader, lo: str | None, hi: str | None) -> list[Row]:
+    return _fold_reading(folder, reader.columns, lambda: reader.read(lo, hi))
+
+
+def _fold_reading(folder: Folder, columns: list[str], read: Callable[[], pa.Table]) -> list[Row]:
+    """Folds what ``read`` gives; a fold that asks for a column not read gets it read (added
+    to ``columns``, which ``read`` reads) and the range folded again."""
     while True:
         try:
-            return fold_chunk(folder, reader.read(lo, hi))
+            return fold_chunk(folder, read())
         except MissingColumn as missing:
-            reader.columns.append(missing.name)
+            columns.append(missing.name)
 
 
 # -- cutting the id space ----------------------------------------------------------------------

@@ -20,8 +20,6 @@ import pyarrow.compute as pc
 from esworkbench import _foldsql
 from esworkbench.aggregates import Aggregate
 from esworkbench.engine import (
-    _EXACT,
-    _PLAIN,
     Folder,
     Row,
     Source,
@@ -260,11 +258,15 @@ def compiles(aggregate: Aggregate) -> bool:
 
 
 def _sql_rows(aggregate: Aggregate, table: pa.Table) -> list[Row]:
-    decode = (_EXACT if aggregate.decimals else _PLAIN).decode
+    """The rows of a :func:`~esworkbench._foldsql.compile_as_of` result, states as dicts."""
+    fields = _foldsql.present_columns(aggregate, table)
     instants = pc.cast(table.column("last_event_at"), pa.int64()).to_pylist()
+    start = aggregate.start()
     return [
-        (row[0], row[1], instants[i], _foldsql.present_sql(aggregate, row, decode))
-        for i, row in enumerate(zip(*(c.to_pylist() for c in table.columns), strict=True))
+        (aggregate_id, version, instants[i], {**start, **{k: v[i] for k, v in fields.items()}})
+        for i, (aggregate_id, version) in enumerate(
+            zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True)
+        )
     ]
 
 
