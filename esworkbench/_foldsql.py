@@ -35,6 +35,22 @@ def json_path(field: str) -> str:
     return '$."' + field.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _conditions(piece: Piece, field: str, params: list[Any]) -> list[str]:
+    """The rows a piece takes: its event types, and events carrying its field (a number for
+    sum, min and max); ``field`` is its extracted JSON. Appends the params in order."""
+    conditions: list[str] = []
+    if piece.types is not None:
+        types = sorted(piece.types)
+        conditions.append(f"event_type IN ({', '.join('?' * len(types))})")
+        params.extend(types)
+    if piece.field is not None:
+        if piece.kind in ("sum", "min", "max"):
+            conditions.append(f"json_type({field}) IN {_NUMBER}")
+        else:
+            conditions.append(f"{field} IS NOT NULL")
+    return conditions
+
+
 def _piece(piece: Piece, slots: dict[str, int], params: list[Any]) -> str:
     """One piece as SQL aggregate expressions (some pieces need two), appending its params.
 
@@ -65,16 +81,7 @@ def _piece(piece: Piece, slots: dict[str, int], params: list[Any]) -> str:
     else:
         function = "arg_min" if piece.kind == "min" else "arg_max"
         text = f"{function}({value}::VARCHAR, {number})"
-    conditions: list[str] = []
-    if piece.types is not None:
-        types = sorted(piece.types)
-        conditions.append(f"event_type IN ({', '.join('?' * len(types))})")
-        params.extend(types)
-    if piece.field is not None:
-        if piece.kind in ("sum", "min", "max"):
-            conditions.append(f"json_type({value}) IN {_NUMBER}")
-        else:
-            conditions.append(f"{value} IS NOT NULL")
+    conditions = _conditions(piece, value, params)
     where = f" FILTER (WHERE {' AND '.join(conditions)})" if conditions else ""
     if piece.kind == "sum":  # whether any operand had a fraction: the sum is then not an int
         params.extend(params[len(params) - len(piece.types or ()) :])
@@ -120,16 +127,7 @@ def compile_as_of(
 def _when(piece: Piece, value: str, field: str, params: list[Any]) -> str:
     """``value`` on the rows the piece takes (its event types; events carrying its field), NULL
     on the others; appends the params in order."""
-    conditions: list[str] = []
-    if piece.types is not None:
-        types = sorted(piece.types)
-        conditions.append(f"event_type IN ({', '.join('?' * len(types))})")
-        params.extend(types)
-    if piece.field is not None:
-        if piece.kind in ("sum", "min", "max"):
-            conditions.append(f"json_type({field}) IN {_NUMBER}")
-        else:
-            conditions.append(f"{field} IS NOT NULL")
+    conditions = _conditions(piece, field, params)
     return f"CASE WHEN {' AND '.join(conditions)} THEN {value} END" if conditions else value
 
 
