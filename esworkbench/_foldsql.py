@@ -78,9 +78,11 @@ def _piece(piece: Piece, slots: dict[str, int], params: list[Any]) -> str:
         text = f"arg_max({value}::VARCHAR, version)"
     elif piece.kind == "sum":
         text = f"sum({number})"
-    else:
-        function = "arg_min" if piece.kind == "min" else "arg_max"
-        text = f"{function}({value}::VARCHAR, {number})"
+    else:  # ties go to the earliest version, as in the Python engine (5 and 5.0 are a tie)
+        function, version = (
+            ("arg_min", "version") if piece.kind == "min" else ("arg_max", "-version")
+        )
+        text = f"{function}({value}::VARCHAR, {{'k': {number}, 'v': {version}}})"
     conditions = _conditions(piece, value, params)
     where = f" FILTER (WHERE {' AND '.join(conditions)})" if conditions else ""
     if piece.kind == "sum":  # whether any operand had a fraction: the sum is then not an int

@@ -234,6 +234,86 @@ def test_sql_and_python_engines_agree(bank: esw.Store, at: datetime | None) -> N
     assert by_sql.dtypes.tolist() == by_python.dtypes.tolist()
 
 
+def test_last_values_where_the_name_only_appears_or_is_spelled_with_escapes(
+    tmp_path: Path,
+) -> None:
+    """A field's last value is the newest event's that holds it at the top level: not one that
+    only names it in a string or a nested object, and also one that spells the key with escapes
+    (the SQL engine reads JSON as the Python engine does)."""
+    newest = {
+        "decoy-string": '{"note": "balanceAfter"}',
+        "decoy-nested": '{"nested": {"balanceAfter": 9}}',
+        "escaped-key": '{"balance\\u0041fter": 7}',
+        "escaped-value": '{"x": "\\u00e9"}',
+        "json-null": '{"balanceAfter": null}',
+        "quoted-name": '{"a\\"b": 2, "note": "a\\"b"}',
+    }
+    lines = []
+    for i, (stream, text) in enumerate(newest.items()):
+        for version, data in enumerate(['{"balanceAfter": 5, "a\\"b": 1}', text], start=1):
+            kind = "MoneyWithdrawn" if version == 1 else "Noted"
+            lines.append(
+                f'{{"eventId": "00000000-0000-0000-0000-{i:06d}{version:06d}", '
+                f'"eventType": "{kind}", "aggregateId": "{stream}", "aggregateType": "Account", '
+                f'"version": {version}, "timestamp": "2024-03-01T12:00:0{version}Z", '
+                f'"data": {data}}}'
+            )
+    lines.append(
+        '{"eventId": "00000000-0000-0000-0000-999999000001", "eventType": "Noted", '
+        '"aggregateId": "never", "aggregateType": "Account", "version": 1, '
+        '"timestamp": "2024-03-01T12:00:01Z", "data": {"other": 1}}'
+    )
+    (tmp_path / "events.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    store = esw.open_store(tmp_path / "store")
+    esw.import_events(store, tmp_path / "events.jsonl")
+    balances = {
+        "balance": esw.last("balanceAfter"),
+        "withdrawn_balance": esw.last("balanceAfter", types="MoneyWithdrawn"),
+        "n": esw.count(),
+    }
+    # Each fold on its own too: a stream one piece folds again must not hide another's answer.
+    for fields in ({**balances, "quoted": esw.last('a"b')}, balances, {"quoted": esw.last('a"b')}):
+        fold = esw.Aggregate("Account", fields=fields)
+        by_sql = esw.as_of(store, fold, engine="sql").set_index("aggregate_id")
+        by_python = esw.as_of(store, fold, engine="python", workers=1).set_index("aggregate_id")
+        assert by_sql.equals(by_python)
+    assert by_sql["quoted"].to_dict()["quoted-name"] == 2
+    fold = esw.Aggregate("Account", fields=balances)
+    by_sql = esw.as_of(store, fold, engine="sql").set_index("aggregate_id")
+    assert by_sql["balance"].to_dict() == {
+        "decoy-nested": 5,
+        "decoy-string": 5,
+        "escaped-key": 7,
+        "escaped-value": 5,
+        "json-null": None,
+        "never": None,
+        "quoted-name": 5,
+    }
+    assert set(by_sql["withdrawn_balance"]) == {5, None}
+
+
+def test_min_and_max_ties_go_to_the_earliest_event_in_both_engines(tmp_path: Path) -> None:
+    store = esw.open_store(tmp_path / "store")
+    for stream, amounts in {"a": ["5.0", "5", "4.50"], "b": ["5", "5.0", "4.5"]}.items():
+        store.append_batch(
+            [
+                {"aggregate_id": stream, "aggregate_type": "Account", "event_type": "Moved",
+                 "data": {"amount": Decimal(amount)}, "version": version}
+                for version, amount in enumerate(amounts, start=1)
+            ]
+        )  # fmt: skip
+    fold = esw.Aggregate(
+        "Account",
+        fields={"low": esw.min("amount"), "high": esw.max("amount")},
+        decimals=True,
+    )
+    by_sql = esw.as_of(store, fold, engine="sql")
+    by_python = esw.as_of(store, fold, engine="python", workers=1)
+    assert by_sql.equals(by_python)
+    assert [str(v) for v in by_sql["high"]] == ["5.0", "5"]
+    assert by_sql["low"].tolist() == [Decimal("4.5")] * 2
+
+
 def test_as_of_the_last_instant_equals_replay_of_each_stream(bank: esw.Store) -> None:
     frame = esw.as_of(bank, ACCOUNT, workers=1)
     for row in frame.to_dict("records"):
