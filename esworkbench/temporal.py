@@ -234,8 +234,8 @@ def as_of(
         fields = _foldsql.present_columns(aggregate, table, arrow_instants=True)
         constant = {k: [v] * table.num_rows for k, v in aggregate.start().items()}
         return _frame(
-            table.column(0).to_pylist(),
-            table.column(1).to_pylist(),
+            table.column(0),
+            table.column(1),
             pc.cast(table.column(2), pa.int64()),
             {k: fields.get(k, v) for k, v in constant.items()},
             output,
@@ -305,29 +305,40 @@ def _spread(states: list[dict[str, Any]]) -> dict[str, list[Any]]:
 
 
 def _frame(
-    ids: list[str],
-    versions: list[int],
+    ids: list[str] | pa.ChunkedArray,
+    versions: list[int] | pa.ChunkedArray,
     instants: pa.Array | pa.ChunkedArray,
     fields: dict[str, list[Any]],
     output: Output,
 ) -> pd.DataFrame | pl.DataFrame:
-    """The result frame from its columns; both engines end here, so their frames are alike."""
+    """The result frame from its columns; both engines end here, so their frames are alike.
+
+    ids and versions come as lists (the Python engine) or as Arrow columns (the SQL engine,
+    converted without a Python object per row).
+    """
     if output not in ("pandas", "polars"):
         raise EsWorkbenchError(f"output={output!r} is not one of 'pandas', 'polars'")
-    columns: dict[str, list[Any]] = {"aggregate_id": ids, "version": versions}
     instants = instants.cast(TIMESTAMP)
     if output == "polars":
         import polars as pl
 
         converted = {
-            k: pl.from_arrow(v) if isinstance(v, pa.ChunkedArray) else v for k, v in fields.items()
+            k: pl.from_arrow(v) if isinstance(v, pa.ChunkedArray) else v
+            for k, v in {"aggregate_id": ids, "version": versions, **fields}.items()
         }
+        columns = {k: converted.pop(k) for k in ("aggregate_id", "version")}
         data = {**columns, "last_event_at": pl.from_arrow(instants), **converted}
         return pl.DataFrame(data, strict=False)
     import pandas as pd
 
-    result = pd.DataFrame({"aggregate_id": pd.Series(ids, dtype=str)})
-    result["version"] = pd.Series(versions, dtype="int64")
+    if isinstance(ids, pa.ChunkedArray):
+        result = pd.DataFrame({"aggregate_id": ids.cast(pa.string()).to_pandas().astype(str)})
+    else:
+        result = pd.DataFrame({"aggregate_id": pd.Series(ids, dtype=str)})
+    if isinstance(versions, pa.ChunkedArray):
+        result["version"] = versions.cast(pa.int64()).to_pandas()
+    else:
+        result["version"] = pd.Series(versions, dtype="int64")
     result["last_event_at"] = instants.to_pandas()
     for name, values in fields.items():
         if isinstance(values, pa.ChunkedArray):  # instants of the SQL engine
