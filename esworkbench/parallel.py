@@ -169,7 +169,7 @@ class Folded:
 
     @classmethod
     def merge(cls, chunks: list[Folded]) -> Folded:
-        """The chunks one after the other; spread only if every chunk is."""
+        """The chunks one after the other: spread if every chunk is, with the same names."""
         ids: list[str] = []
         versions: list[int] = []
         recorded: list[int] = []
@@ -177,17 +177,16 @@ class Folded:
             ids += chunk.ids
             versions += chunk.versions
             recorded += chunk.recorded
-        if any(chunk.names is None for chunk in chunks):
+        names = chunks[0].names if chunks else None
+        if names is None or any(chunk.names != names for chunk in chunks):
             states: list[Any] = []
             for chunk in chunks:
                 states += chunk.dicts()
             return cls(ids, versions, recorded, None, None, states)
-        names = list(dict.fromkeys(n for chunk in chunks for n in chunk.names or []))
         values: list[list[Any]] = [[] for _ in names]
         for chunk in chunks:
-            have = dict(zip(chunk.names or [], chunk.values or [], strict=True))
-            for name, column in zip(names, values, strict=True):
-                column += have.get(name) or [None] * len(chunk.ids)
+            for column, part in zip(values, chunk.values or [], strict=True):
+                column += part
         return cls(ids, versions, recorded, names, values, None)
 
 
