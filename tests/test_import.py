@@ -7,10 +7,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import psycopg
 import pytest
 
 import esworkbench as esw
+from esworkbench.sources import _runs
 
 DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -314,3 +316,66 @@ def test_postgres_import_follows_id_order_and_keeps_timestamps(
     )
     assert esw.import_events(store, DSN, table=pg_table).imported == 1
     assert store.stream_version("a") == 3
+
+
+def test_spilled_runs_answer_as_runs_in_memory(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    for width in (0, 3):
+        (tmp_path / str(width)).mkdir()
+        spilled = _runs.SortedRuns(width=width, folder=tmp_path / str(width), memory_bytes=100)
+        in_memory = _runs.SortedRuns(width=width)
+        for _ in range(60):
+            keys = np.unique(rng.integers(0, 400, int(rng.integers(0, 40))).astype(np.uint64))
+            answers = [runs.find(keys) for runs in (spilled, in_memory)]
+            for got, expected in zip(answers[0][:2], answers[1][:2], strict=True):
+                assert np.array_equal(got, expected)
+            found = answers[1][1]
+            moved = rng.integers(0, 1000, (len(keys), width))
+            for runs, (_, _, places) in zip((spilled, in_memory), answers, strict=True):
+                runs.update(places, moved)
+                runs.add(keys[~found], moved[~found])
+        assert len(spilled) == len(in_memory) > 300
+
+
+@pytest.mark.parametrize("on_error", ["fail", "quarantine"])
+def test_an_import_that_spills_is_as_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_error: str
+) -> None:
+    monkeypatch.setattr(_runs, "MEMORY_BYTES", 256)  # a few keys in memory, the rest spilled
+    monkeypatch.setattr(_runs, "_CHUNK", 5)
+    store = esw.open_store(tmp_path / "store")
+    first = tmp_path / "first.jsonl"
+    write_lines(first, [event(f"s{i}", v) for i in range(20) for v in (1, 2)])
+    esw.import_events(store, first, batch_size=7)
+    rows: list[object] = [event(f"s{i}", 3) for i in range(20)]
+    rows += [event(f"n{i}", 1) for i in range(40)]
+    rows += [event(f"n{i}", 2) for i in range(40)]
+    rows.append(event("late", 1, eventId=event("n3", 1)["eventId"]))  # repeats an early row
+    rows.append(event("s4", 3, eventId=str(uuid.uuid4())))  # repeats a version spilled
+    rows.append(event("n5", 3))
+    source = tmp_path / "events.jsonl"
+    write_lines(source, rows)
+    if on_error == "fail":
+        with pytest.raises(esw.DuplicateEventError, match="position 101: "):
+            esw.import_events(store, source, batch_size=9)
+        assert count(store) == 40
+        assert not list(store.path.glob(".import-*"))
+        return
+    result = esw.import_events(store, source, on_error="quarantine", batch_size=9)
+    assert (result.imported, result.quarantined) == (101, 2)
+    reasons = [line["reason"] for line in quarantined_lines(result)]
+    assert "this import has already given to version 1 of stream 'n3'" in reasons[0]
+    assert "which stream 's4' already has (a duplicate)" in reasons[1]
+    assert store.stream_version("n5") == 3
+    assert store.stream_version("s7") == 3
+    assert not list(store.path.glob(".import-*"))
+
+
+def test_an_import_clears_what_a_killed_one_spilled(store: esw.Store, tmp_path: Path) -> None:
+    left = store.path / ".import-killed"
+    (left / "event_ids").mkdir(parents=True)
+    (left / "event_ids" / "keys-3.u64").write_bytes(b"\0" * 64)
+    source = tmp_path / "events.jsonl"
+    write_lines(source, [event("a", 1)])
+    assert esw.import_events(store, source).imported == 1
+    assert not list(store.path.glob(".import-*"))

@@ -1,15 +1,17 @@
 """Event ids during an import: a row whose event_id is already in the store, or earlier in the
 source, is refused exactly, without scanning the files the import has staged for every batch.
 
-The import keeps a sorted NumPy array of the 64-bit hashes of the event_ids it has accepted
-(8 bytes an event). A hash that matches is only a suspicion: the suspect ids are looked up
-exactly (in the batch itself, or in the staged files), so a hash collision costs one small query
-and never refuses a good row. Ids already in the store are found by one join with its events,
-and only when the store held events before the import began.
+The import keeps the 64-bit hashes of the event_ids it has accepted in sorted runs (8 bytes an
+event), spilled to a folder of the store past a few megabytes (:mod:`._runs`). A hash that
+matches is only a suspicion: the suspect ids are looked up exactly (in the batch itself, or in
+the staged files), so a hash collision costs one small query and never refuses a good row. Ids
+already in the store are found by one join with its events, and only when the store held events
+before the import began.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -39,12 +41,17 @@ class EventIds:
     """The event_ids an import has accepted so far, as sorted hashes."""
 
     def __init__(
-        self, session: Session, *, stored: bool, staged: Callable[[], Sequence[str]]
+        self,
+        session: Session,
+        *,
+        stored: bool,
+        staged: Callable[[], Sequence[str]],
+        spill: str | os.PathLike[str] | None = None,
     ) -> None:
         self._session = session
         self._stored = stored
         self._staged = staged
-        self._seen = SortedRuns(width=0)
+        self._seen = SortedRuns(width=0, folder=spill)
 
     def _query(self, query: str, table: pa.Table, params: list[object] | None = None) -> pa.Table:
         with self._session._lock:

@@ -2,9 +2,10 @@
 
 An import places its rows against the stream heads the store had when it began plus what the
 import itself has placed so far. The heads of the streams an import has touched are kept in
-sorted runs keyed by a 64-bit hash of the aggregate_id (:mod:`._runs`, 32 bytes a stream), so a
-batch needs no scan of the files the import has staged and no Python loop over its rows; the
-store is asked only for the heads of streams the import meets for the first time.
+sorted runs keyed by a 64-bit hash of the aggregate_id (:mod:`._runs`, 32 bytes a stream, spilled
+to a folder of the store past a few megabytes), so a batch needs no scan of the files the import
+has staged and no Python loop over its rows; the store is asked only for the heads of streams the
+import meets for the first time.
 
 A row breaks its stream when its version leaves a gap, repeats a version the stream has (a
 duplicate (aggregate_id, version)), or its aggregate_type differs from the stream's. Once a row of
@@ -17,6 +18,7 @@ head; with versions in the source that shows as a refused row, never as a silent
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -65,11 +67,13 @@ class Verdict:
 class Continuity:
     """The heads of the streams an import touches, moved batch by batch."""
 
-    def __init__(self, session: Session, *, stored: bool) -> None:
+    def __init__(
+        self, session: Session, *, stored: bool, spill: str | os.PathLike[str] | None = None
+    ) -> None:
         self._session = session
         self._stored = stored  # whether the store held events when the import began
         # Per stream: head, hash of its aggregate_type, first refused source position (or _NONE).
-        self._streams = SortedRuns(width=3)
+        self._streams = SortedRuns(width=3, folder=spill)
         self._names: dict[int, str] = {}  # aggregate_type hash -> name, for messages
 
     def _query(self, query: str, table: pa.Table) -> pa.Table:

@@ -5,7 +5,9 @@ The driver holds the store's lock for the whole import, checks and places each b
 is stored plus what this import has staged so far, writes each batch's files, and commits them all
 at the end in one Delta transaction together with the source's checkpoint (Delta's application
 transaction id). So an import that fails or dies leaves nothing visible, and a re-run reads only
-past the last committed source position.
+past the last committed source position. What the import remembers of every event and stream
+it has placed spills past a few megabytes to a folder in the store (``.import-*``), removed when
+the import ends (or by the next import, after a crash), so memory does not grow with the source.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,6 +46,7 @@ __all__ = ["ImportResult", "OnError", "Reader", "SourceRewrittenError", "run_imp
 OnError = Literal["fail", "quarantine"]
 _APP_PREFIX = "esworkbench-import:"
 _CHECKPOINTS = "imports.json"
+_SPILL_PREFIX = ".import-"
 _REQUIRED = ("event_type", "aggregate_type", "aggregate_id", "data")
 
 
@@ -242,11 +247,13 @@ def run_import(
         imported, last = 0, after
         last_event_id: str | None = None
         head = store.head_position()
-        continuity = _streams.Continuity(store._session, stored=head > 0)
+        spill = _spill_folder(store)
+        continuity = _streams.Continuity(store._session, stored=head > 0, spill=spill / "streams")
         ids = _ids.EventIds(
             store._session,
             stored=head > 0,
             staged=stager.paths,
+            spill=spill / "event_ids",
         )
         try:
             progress = tqdm(
@@ -287,6 +294,7 @@ def run_import(
             raise
         finally:
             stager.close()
+            shutil.rmtree(spill, ignore_errors=True)
             if progress is not None:
                 progress.close()
             quarantined.close()
@@ -337,6 +345,20 @@ def _first_error(
     if duplicates <= at < bad.num_rows:
         return DuplicateEventError(message, event_id=str(bad["event_id"][at].as_py()))
     return InvalidEventError(message, index=positions[at])
+
+
+def _spill_folder(store: Store) -> Path:
+    """A fresh folder for what the import remembers past a few megabytes (see ``_runs``).
+
+    Under the store's lock no other import runs, so folders left by an import that died are
+    removed here.
+    """
+    for stale in store.path.glob(_SPILL_PREFIX + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=_SPILL_PREFIX, dir=store.path))
+    for name in ("streams", "event_ids"):
+        (folder / name).mkdir()
+    return folder
 
 
 def _safe(key: str) -> str:
