@@ -149,6 +149,23 @@ def test_not_json_and_not_an_object_name_the_line(tmp_path: Path) -> None:
     assert all(r["event_type"] is None for r in rows[1:4])
 
 
+def test_lines_read_as_a_block_or_one_by_one_alike(tmp_path: Path) -> None:
+    snake = {"event_type": "Opened", "aggregate_type": "A", "aggregate_id": "a-1", "data": {}}
+    two = json.dumps(event()) + " " + json.dumps(event())  # two objects on one line
+    for lines, errors in (
+        ([event(), event()], [None, None]),  # read as one block
+        ([snake, snake], [None, None]),  # a block in snake_case
+        ([event(), snake], [None, None]),  # mixed: line by line
+        ([event(), two, event()], [None, "line 2 is not JSON: trailing characters", None]),
+        ([event(), "", " " + json.dumps(event())], [None, None]),  # a blank line holds no row
+    ):
+        rows = rows_of(read_jsonl(write_lines(tmp_path / "e.jsonl", *lines)))
+        assert [r["error"] and r["error"].split(" (byte")[0] for r in rows] == errors
+        assert [r["source_position"] for r in rows if r["error"] is None] == [
+            n for n, line in enumerate(lines, start=1) if line and line is not two
+        ]
+
+
 def test_exact_decimals_and_compact_text(tmp_path: Path) -> None:
     text = (
         '{"eventType": "Paid", "aggregateType": "Order", "aggregateId": "o-1", "data": '

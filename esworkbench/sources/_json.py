@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from decimal import Decimal
 from operator import attrgetter
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, overload
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -27,7 +27,7 @@ from esworkbench.sources._rows import SOURCE_SCHEMA, bad_row, check_row
 
 __all__ = ["BOM", "array_items", "decode_batches", "line_items"]
 
-Items = tuple[int, list[bytes]]
+Items = tuple[int, Sequence[bytes]]
 """A batch of JSON texts of events, and the source position of the first (the rest follow it)."""
 
 BOM: Final = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which some tools put first
@@ -68,39 +68,73 @@ _SnakeEvent = msgspec.defstruct(
 )
 _decode_camel = msgspec.json.Decoder(_CamelEvent).decode
 _decode_snake = msgspec.json.Decoder(_SnakeEvent).decode
+_decode_camel_lines = msgspec.json.Decoder(_CamelEvent).decode_lines
+_decode_snake_lines = msgspec.json.Decoder(_SnakeEvent).decode_lines
 _decode_object = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 _DECODE_ERRORS: Final = (msgspec.DecodeError, msgspec.ValidationError)
+
+
+class _Lines(Sequence[bytes]):
+    """A batch of JSON Lines kept as one block of text, split into lines only when asked."""
+
+    def __init__(self, block: memoryview, count: int, *, braced: bool) -> None:
+        self.block = block
+        self.braced = braced  # every line starts with "{": no blank line, no leading space
+        self._count = count
+        self._lines: list[bytes] | None = None
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[bytes]: ...
+    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
+        if self._lines is None:
+            self._lines = bytes(self.block).split(b"\n")
+        return self._lines[index]
 
 
 def line_items(stream: pa.NativeFile, batch_size: int) -> Iterator[Items]:
     """Batches of the lines of JSON Lines, numbered from 1.
 
     Blank lines stay in the batch (so that numbers follow from places) and are dropped when they
-    fail to decode: they hold no event.
+    fail to decode: they hold no event. A batch also ends at about ``_BATCH_BYTES`` of text.
     """
-    batch: list[bytes] = []
-    first = limit = 1
-    pending = b""
+    parts: list[bytes] = []  # text read and not yet given out, from offset ``at`` of the first
+    at = size = 0
+    ends = np.empty(0, np.int64)  # where each line ends (at its newline), from the first part
+    first = 1
     chunk = stream.read(_CHUNK).removeprefix(BOM)
     while True:
-        lines = chunk.split(b"\n")
-        lines[0] = pending + lines[0]
-        pending = lines.pop() if chunk else b""
-        if not chunk and lines == [b""]:
-            lines = []
-        if lines:  # fewer lines per batch when they are long: about _BATCH_BYTES of text
-            size = len(chunk) + len(pending)
-            limit = max(1, min(batch_size, _BATCH_BYTES * len(lines) // max(1, size)))
-        batch += lines
-        while len(batch) >= limit:
-            yield first, batch[:limit]
-            first += limit
-            batch = batch[limit:]
+        if chunk:
+            found = np.flatnonzero(np.frombuffer(chunk, np.uint8) == ord("\n"))
+            ends = np.concatenate([ends, found + size])
+            parts.append(chunk)
+            size += len(chunk)
+        elif size > (ends[-1] + 1 if len(ends) else at):  # the last line has no newline
+            ends = np.append(ends, size)
+        while len(ends) and (not chunk or len(ends) >= batch_size or ends[-1] - at >= _BATCH_BYTES):
+            count = min(batch_size, max(1, int(np.searchsorted(ends, at + _BATCH_BYTES))))
+            if len(parts) > 1:
+                parts = [b"".join(parts)]
+            text = parts[0]
+            stop = int(ends[count - 1])
+            starts = np.concatenate([[at], ends[: count - 1] + 1])
+            braced = bool((np.frombuffer(text, np.uint8)[starts] == ord("{")).all())
+            yield first, _Lines(memoryview(text)[at:stop], count, braced=braced)
+            first += count
+            at = stop + 1
+            ends = ends[count:]
         if not chunk:
             break
+        if at:  # what is left of the text, from its start
+            parts = [b"".join(parts)[at:]]
+            ends -= at
+            size -= at
+            at = 0
         chunk = stream.read(_CHUNK)
-    if batch:
-        yield first, batch
 
 
 # One step inside an array element: text up to the next bracket outside strings, and the bracket.
@@ -211,12 +245,32 @@ def decode_batches(
         yield from _stage.pipelined(jobs)
 
 
+def _decode_block(texts: Sequence[bytes]) -> list[Any] | None:
+    """All the events of a block of JSON Lines in one call, when each line starts an object
+    and the block decodes as one naming (else None: read line by line).
+
+    One event a line exactly: no line is blank, and as many events as lines means no line holds
+    two (``decode_lines`` would take them apart).
+    """
+    if not isinstance(texts, _Lines) or not texts.braced:
+        return None
+    for decode in (_decode_camel_lines, _decode_snake_lines):
+        try:
+            events = decode(texts.block)
+        except _DECODE_ERRORS:
+            continue
+        return events if len(events) == len(texts) else None
+    return None
+
+
 def _decode(
-    first: int, texts: list[bytes], unit: str, zone: ZoneInfo | None, connection: Any
+    first: int, texts: Sequence[bytes], unit: str, zone: ZoneInfo | None, connection: Any
 ) -> Callable[[], pa.Table]:
     """Decodes a batch; returns the rest of the work, to run in the checking thread."""
     try:
-        events = [_decode_camel(text) for text in texts]
+        events = _decode_block(texts)
+        if events is None:
+            events = [_decode_camel(text) for text in texts]
         fast = list(range(len(texts)))
     except _DECODE_ERRORS:
         events, fast = [], []
