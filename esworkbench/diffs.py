@@ -22,7 +22,7 @@ from esworkbench._foldsql import compile_as_of
 from esworkbench.aggregates import Aggregate
 from esworkbench.engine import Folder, Row, Source, decode_events, fold_events
 from esworkbench.errors import EsWorkbenchError
-from esworkbench.parallel import fold_all
+from esworkbench.parallel import fold_columns
 from esworkbench.query import translate
 from esworkbench.temporal import Output, _sql_rows, compiles, instant, read_events
 
@@ -305,7 +305,7 @@ def _rows(source: Source, aggregate: Aggregate, where: str, params: list[Any]) -
         relation = upcasters.events_sql() if upcasters else "events"
         query, args = compile_as_of(aggregate, where, params, relation)
         return _sql_rows(aggregate, fetch(source, query, args))
-    return fold_all(source, aggregate, where, params)
+    return fold_columns(source, aggregate, where, params).rows()
 
 
 def population_diff(

@@ -44,7 +44,7 @@ from esworkbench.events import TIMESTAMP
 if TYPE_CHECKING:
     from esworkbench.query import Params
 
-__all__ = ["Folded", "fold_all", "fold_columns", "paused_gc"]
+__all__ = ["Folded", "fold_columns", "paused_gc"]
 
 Range = tuple[str | None, str | None, int]  # aggregate_ids from (inclusive) to (exclusive), size
 Groups = list[tuple[str, list[int]]]  # Parquet files and the row groups of a range in each
@@ -74,43 +74,6 @@ def paused_gc() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-def fold_all(
-    source: Source,
-    aggregate: Aggregate,
-    where: str = "true",
-    params: Params = None,
-    *,
-    until: datetime | None = None,
-    workers: int | None = None,
-    progress: bool | None = None,
-    chunk_events: int = 100_000,
-) -> list[Row]:
-    """Folds every stream of the aggregate's type; one row per stream, in aggregate_id order.
-
-    Each row is (aggregate_id, last version folded, its recorded_at in µs, state); the
-    arguments are those of :func:`fold_columns`.
-
-    Examples:
-        >>> import tempfile, esworkbench as esw
-        >>> store = esw.open_store(tempfile.mkdtemp())
-        >>> _ = store.append("acc-1", [esw.NewEvent("Opened", {"owner": "Ann"})],
-        ...                  aggregate_type="Account", expected_version=0)
-        >>> [(stream, version, _, state)] = fold_all(store, esw.generic("Account"), workers=1)
-        >>> stream, version, state
-        ('acc-1', 1, {'owner': 'Ann'})
-    """
-    return fold_columns(
-        source,
-        aggregate,
-        where,
-        params,
-        until=until,
-        workers=workers,
-        progress=progress,
-        chunk_events=chunk_events,
-    ).rows()
 
 
 class Folded:

@@ -486,7 +486,7 @@ def test_a_handler_that_raises_in_a_worker_process_names_the_event(tmp_path: Pat
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_every_stream_comes_out_whole_however_the_ids_are_cut(tmp_path: Path, workers: int) -> None:
-    from esworkbench.parallel import _ranges, fold_all
+    from esworkbench.parallel import _ranges, fold_columns
 
     store = esw.open_store(tmp_path / "s")
     for commit in range(6):  # several files, each sorted, their id ranges overlapping
@@ -503,7 +503,9 @@ def test_every_stream_comes_out_whole_however_the_ids_are_cut(tmp_path: Path, wo
         for row in store.sql("select aggregate_id from streams").fetchall()
     }
     for chunk_events in (1, 7, 1000):
-        rows = fold_all(store, fold, "true", [], workers=workers, chunk_events=chunk_events)
+        rows = fold_columns(
+            store, fold, "true", [], workers=workers, chunk_events=chunk_events
+        ).rows()
         assert [r[0] for r in rows] == sorted(expected)
         assert {r[0]: r[3] for r in rows} == expected
     cuts = _ranges(store, "true", ["A"], 7)  # the cut a foreign lake gets: by stream counts
