@@ -103,7 +103,12 @@ class Folded:
 
     @classmethod
     def of(cls, rows: list[Row]) -> Folded:
-        """The columns of rows of :func:`~esworkbench.engine.fold_chunk`."""
+        """The columns of rows of :func:`~esworkbench.engine.fold_chunk`.
+
+        Examples:
+            >>> Folded.of([("a", 1, 0, {"n": 1}), ("b", 1, 0, {"m": 2})]).states
+            [{'n': 1}, {'m': 2}]
+        """
         ids, versions, recorded, states = (list(map(itemgetter(i), rows)) for i in range(4))
         keys = states[0].keys() if states and type(states[0]) is dict else None
         if keys is not None and all(type(s) is dict and s.keys() == keys for s in states):
@@ -118,7 +123,12 @@ class Folded:
         return cls(ids, versions, recorded, None, None, states)
 
     def dicts(self) -> list[Any]:
-        """The states, as the fold made them."""
+        """The states, as the fold made them.
+
+        Examples:
+            >>> Folded.of([("a", 1, 0, {"n": 1})]).dicts()
+            [{'n': 1}]
+        """
         if self.states is not None:
             return self.states
         names = self.names or []
@@ -127,12 +137,23 @@ class Folded:
         return [dict(zip(names, row, strict=True)) for row in zip(*self.values or [], strict=True)]
 
     def rows(self) -> list[Row]:
-        """One (aggregate_id, version, recorded_at µs, state) tuple per stream."""
+        """One (aggregate_id, version, recorded_at µs, state) tuple per stream.
+
+        Examples:
+            >>> Folded.of([("a", 3, 7, "open")]).rows()
+            [('a', 3, 7, 'open')]
+        """
         return list(zip(self.ids, self.versions, self.recorded, self.dicts(), strict=True))
 
     @classmethod
     def merge(cls, chunks: list[Folded]) -> Folded:
-        """The chunks one after the other: spread if every chunk is, with the same names."""
+        """The chunks one after the other: spread if every chunk is, with the same names.
+
+        Examples:
+            >>> one, two = Folded.of([("a", 1, 0, {"n": 1})]), Folded.of([("b", 1, 0, {"n": 2})])
+            >>> Folded.merge([one, two]).values
+            [[1, 2]]
+        """
         ids: list[str] = []
         versions: list[int] = []
         recorded: list[int] = []
