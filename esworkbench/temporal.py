@@ -336,11 +336,17 @@ def _frame(
     if output == "polars":
         import polars as pl
 
+        keys = {  # typed even when there is no stream, as the SQL engine's Arrow columns are
+            "aggregate_id": pa.chunked_array([ids], pa.string()) if isinstance(ids, list) else ids,
+            "version": (
+                pa.chunked_array([versions], pa.int64()) if isinstance(versions, list) else versions
+            ),
+        }
         converted = {
             k: pl.from_arrow(v) if isinstance(v, pa.ChunkedArray) else v
-            for k, v in {"aggregate_id": ids, "version": versions, **fields}.items()
+            for k, v in {**keys, **fields}.items()
         }
-        columns = {k: converted.pop(k) for k in ("aggregate_id", "version")}
+        columns = {k: converted.pop(k) for k in keys}
         data = {**columns, "last_event_at": pl.from_arrow(instants), **converted}
         return pl.DataFrame(data, strict=False)
     import pandas as pd

@@ -314,6 +314,18 @@ def test_min_and_max_ties_go_to_the_earliest_event_in_both_engines(tmp_path: Pat
     assert by_sql["low"].tolist() == [Decimal("4.5")] * 2
 
 
+@pytest.mark.parametrize("at", [None, T0 - timedelta(days=1)])
+def test_sql_and_python_engines_agree_in_polars_even_with_no_stream(
+    bank: esw.Store, at: datetime | None
+) -> None:
+    by_sql = esw.as_of(bank, DECLARED, at=at, engine="sql", output="polars")
+    by_python = esw.as_of(bank, DECLARED, at=at, engine="python", workers=1, output="polars")
+    assert isinstance(by_sql, pl.DataFrame)
+    assert by_sql.equals(by_python)
+    assert by_sql.schema["aggregate_id"] == by_python.schema["aggregate_id"] == pl.String
+    assert by_sql.schema["version"] == by_python.schema["version"] == pl.Int64
+
+
 def test_as_of_the_last_instant_equals_replay_of_each_stream(bank: esw.Store) -> None:
     frame = esw.as_of(bank, ACCOUNT, workers=1)
     for row in frame.to_dict("records"):
