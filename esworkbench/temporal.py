@@ -8,7 +8,6 @@ effect by V (``occurred_at <= V``). Either way the chosen events fold in version
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from itertools import chain
 from operator import itemgetter
@@ -36,7 +35,7 @@ if TYPE_CHECKING:
     import pandas as pd
     import polars as pl
 
-__all__ = ["as_of", "frame", "instant", "read_events", "replay"]
+__all__ = ["as_of", "instant", "read_events", "replay"]
 
 Output = Literal["pandas", "polars"]
 Engine = Literal["auto", "sql", "python"]
@@ -271,18 +270,6 @@ def _sql_rows(aggregate: Aggregate, table: pa.Table) -> list[Row]:
     ]
 
 
-def frame(
-    rows: Sequence[Row], output: Output = "pandas", *, initial: Any = None
-) -> pd.DataFrame | pl.DataFrame:
-    """One row per stream: aggregate_id, version, last_event_at and the state's fields.
-
-    Examples:
-        >>> frame([("acc-1", 2, 0, {"balance": 5})]).columns.tolist()
-        ['aggregate_id', 'version', 'last_event_at', 'balance']
-    """
-    return _folded_frame(Folded.of(list(rows)), output, initial)
-
-
 def _folded_frame(folded: Folded, output: Output, initial: Any) -> pd.DataFrame | pl.DataFrame:
     """The frame of folded streams: a dict state spreads into columns (a key some state lacks
     is None there), any other state sits in one ``state`` column."""
@@ -327,21 +314,17 @@ def _frame(
 ) -> pd.DataFrame | pl.DataFrame:
     """The result frame from its columns; both engines end here, so their frames are alike.
 
-    ids and versions come as lists (the Python engine) or as Arrow columns (the SQL engine,
-    converted without a Python object per row).
+    ids and versions come as lists (the Python engine) or as Arrow columns (the SQL engine);
+    either way they become typed Arrow columns (also with no stream) and convert from there,
+    without a Python object per row.
     """
     if output not in ("pandas", "polars"):
         raise EsWorkbenchError(f"output={output!r} is not one of 'pandas', 'polars'")
+    keys = {"aggregate_id": _arrow(ids, pa.string()), "version": _arrow(versions, pa.int64())}
     instants = instants.cast(TIMESTAMP)
     if output == "polars":
         import polars as pl
 
-        keys = {  # typed even when there is no stream, as the SQL engine's Arrow columns are
-            "aggregate_id": pa.chunked_array([ids], pa.string()) if isinstance(ids, list) else ids,
-            "version": (
-                pa.chunked_array([versions], pa.int64()) if isinstance(versions, list) else versions
-            ),
-        }
         converted = {
             k: pl.from_arrow(v) if isinstance(v, pa.ChunkedArray) else v
             for k, v in {**keys, **fields}.items()
@@ -351,14 +334,8 @@ def _frame(
         return pl.DataFrame(data, strict=False)
     import pandas as pd
 
-    if isinstance(ids, pa.ChunkedArray):
-        result = pd.DataFrame({"aggregate_id": ids.cast(pa.string()).to_pandas().astype(str)})
-    else:
-        result = pd.DataFrame({"aggregate_id": pd.Series(ids, dtype=str)})
-    if isinstance(versions, pa.ChunkedArray):
-        result["version"] = versions.cast(pa.int64()).to_pandas()
-    else:
-        result["version"] = pd.Series(versions, dtype="int64")
+    result = pd.DataFrame({"aggregate_id": keys["aggregate_id"].to_pandas().astype(str)})
+    result["version"] = keys["version"].to_pandas()
     result["last_event_at"] = instants.to_pandas()
     for name, values in fields.items():
         if isinstance(values, pa.ChunkedArray):  # instants of the SQL engine
@@ -368,6 +345,13 @@ def _frame(
             values = [None] * len(values)  # as the Python engine's all-None column shows
         result[name] = _column(values)
     return result
+
+
+def _arrow(values: list[Any] | pa.ChunkedArray, kind: pa.DataType) -> pa.ChunkedArray:
+    """A column as typed Arrow, from a list or from Arrow."""
+    if isinstance(values, list):
+        return pa.chunked_array([values], kind)
+    return values.cast(kind)
 
 
 def _column(values: list[Any]) -> pd.Series[Any]:
