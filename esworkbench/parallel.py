@@ -223,7 +223,7 @@ def fold_columns(
             if workers <= 1:
                 try:
                     for task, (_, _, size) in zip(tasks, ranges, strict=True):
-                        chunks.append(Folded.of(_fold_files(folder, columns, *task)))
+                        chunks.append(_fold_files(folder, columns, *task))
                         bar.update(size)
                 finally:
                     for handle in _WORKER.pop("files", {}).values():
@@ -237,7 +237,7 @@ def fold_columns(
             reader = _DuckDBReader(source, aggregate.name, where, params)
             if workers <= 1:
                 for lo, hi, size in ranges:
-                    chunks.append(Folded.of(_fold_read(folder, reader, lo, hi)))
+                    chunks.append(_fold_read(folder, reader, lo, hi))
                     bar.update(size)
             else:
                 with _pool(aggregate, workers) as pool:
@@ -250,7 +250,7 @@ def fold_columns(
                             chunks.append(result())
                         except MissingColumn as missing:  # read it too, fold the range here
                             reader.columns.append(missing.name)
-                            chunks.append(Folded.of(_fold_read(folder, reader, lo, hi)))
+                            chunks.append(_fold_read(folder, reader, lo, hi))
                         bar.update(size)
         bar.total = bar.n  # the sizes were estimates
     return Folded.merge(chunks)
@@ -313,7 +313,7 @@ def _fold_files_in_worker(
     lo: str | None, hi: str | None, groups: Groups, until: datetime | None
 ) -> Folded:
     with paused_gc():
-        return Folded.of(_fold_files(_WORKER["folder"], _WORKER["columns"], lo, hi, groups, until))
+        return _fold_files(_WORKER["folder"], _WORKER["columns"], lo, hi, groups, until)
 
 
 def _fold_files(
@@ -323,7 +323,7 @@ def _fold_files(
     hi: str | None,
     groups: Groups,
     until: datetime | None,
-) -> list[Row]:
+) -> Folded:
     """Reads a range's row groups from the store's files and folds them."""
     return _fold_reading(folder, columns, lambda: _read_files(groups, columns, lo, hi, until))
 
@@ -384,16 +384,16 @@ class _DuckDBReader:
         return self.source.sql(query, [*self.args, *values]).to_arrow_table()
 
 
-def _fold_read(folder: Folder, reader: _DuckDBReader, lo: str | None, hi: str | None) -> list[Row]:
+def _fold_read(folder: Folder, reader: _DuckDBReader, lo: str | None, hi: str | None) -> Folded:
     return _fold_reading(folder, reader.columns, lambda: reader.read(lo, hi))
 
 
-def _fold_reading(folder: Folder, columns: list[str], read: Callable[[], pa.Table]) -> list[Row]:
+def _fold_reading(folder: Folder, columns: list[str], read: Callable[[], pa.Table]) -> Folded:
     """Folds what ``read`` gives; a fold that asks for a column not read gets it read (added
     to ``columns``, which ``read`` reads) and the range folded again."""
     while True:
         try:
-            return fold_chunk(folder, read())
+            return Folded.of(fold_chunk(folder, read()))
         except MissingColumn as missing:
             columns.append(missing.name)
 
