@@ -180,11 +180,16 @@ def declared_balance(store: esw.Store, dsn: str | None, repeat: int) -> dict[str
     hand_df, _ = median_time(lambda: store.sql(HAND_BALANCE).df(), repeat)
     out: dict[str, Any] = {"esw_s": ours, "hand_duckdb_df_s": hand_df}
     if dsn:
-        with pg_connect(dsn) as conn:
-            pg, pg_rows = median_time(lambda: conn.execute(PG_BALANCE).fetchall(), repeat)
-        assert len(pg_rows) == len(frame), (len(pg_rows), len(frame))
-        out["postgres_s"] = pg
+        out["postgres_s"] = postgres_time(dsn, PG_BALANCE, repeat, len(frame))
     return out
+
+
+def postgres_time(dsn: str, query: str, repeat: int, rows: int) -> float:
+    """Median seconds of PostgreSQL answering ``query``, checked to give ``rows`` rows."""
+    with pg_connect(dsn) as conn:
+        took, answer = median_time(lambda: conn.execute(query).fetchall(), repeat)
+    assert len(answer) == rows, (len(answer), rows)
+    return took
 
 
 def naive_end_to_end(store: esw.Store) -> float:
@@ -231,10 +236,7 @@ def declared(store: esw.Store, dsn: str | None, repeat: int) -> dict[str, Any]:
     }
     assert rows.num_rows == len(frame), (rows.num_rows, len(frame))
     if dsn:
-        with pg_connect(dsn) as conn:
-            pg, pg_rows = median_time(lambda: conn.execute(PG_SAME_QUESTION).fetchall(), repeat)
-        assert len(pg_rows) == len(frame), (len(pg_rows), len(frame))
-        out["postgres_s"] = pg
+        out["postgres_s"] = postgres_time(dsn, PG_SAME_QUESTION, repeat, len(frame))
     return out
 
 
