@@ -295,6 +295,9 @@ def _source_batches(
     source: str | os.PathLike[str], format: ImportFormat, table: str | None, batch_size: int
 ) -> Iterator[pa.Table]:
     if format == "common":
+        from esworkbench.sources._sql import require_postgres
+
+        require_postgres()
         from esworkbench.sources.postgres import read_postgres_snapshots
 
         return read_postgres_snapshots(

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from esworkbench.errors import EsWorkbenchError
+from esworkbench.sources import _sql
 from esworkbench.sources.export import export_csv, export_jsonl, export_parquet
 from esworkbench.sources.imports import ImportResult, OnError, SourceRewrittenError, run_import
 from esworkbench.store import Store
@@ -98,6 +99,8 @@ def _file_reader(path: Path, columns: Mapping[str, str] | None, tz: str | None) 
 def _database_reader(
     source: str, format: Format, table: str | None, columns: Mapping[str, str] | None
 ) -> _Reader:
+    if not source.startswith("sqlite:///"):
+        _sql.require_postgres()
     if format == "common":
         from esworkbench.sources.postgres import postgres_event_at, read_postgres
 

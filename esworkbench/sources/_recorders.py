@@ -12,12 +12,13 @@ import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
-
-from psycopg import sql
+from typing import TYPE_CHECKING, Any, Protocol
 
 from esworkbench.errors import EsWorkbenchError
 from esworkbench.sources import _sql
+
+if TYPE_CHECKING:
+    from psycopg import sql
 
 __all__ = ["Recorder", "Row", "open_recorder"]
 
@@ -99,6 +100,9 @@ class _Postgres:
     """The library's PostgreSQL recorder: ``<app>_events`` (notification_id) and snapshots."""
 
     def __init__(self, dsn: str, app: str | None, schema: str | None) -> None:
+        _sql.require_postgres()
+        from psycopg import sql
+
         prefix = (app or "stored").lower()
         self.events_table = _sql.table_name(f"{prefix}_events", schema)
         self.snapshots_table = _sql.table_name(f"{prefix}_snapshots", schema)
@@ -113,6 +117,8 @@ class _Postgres:
         self.id_type = sql.SQL("uuid" if types.get("originator_id") == "uuid" else "text")
 
     def _select(self, table: sql.Composable, position: str, where: str) -> str:
+        from psycopg import sql
+
         return (
             sql.SQL(
                 "SELECT {p}, originator_id::text, originator_version, topic, state FROM {t} {w}"
@@ -130,6 +136,8 @@ class _Postgres:
         return self._rows(self._select(self.events_table, "notification_id", where), batch_size)
 
     def first_states(self, originator_ids: Sequence[str]) -> dict[str, bytes]:
+        from psycopg import sql
+
         query = sql.SQL(
             "SELECT f.originator_id::text, f.state FROM jsonb_array_elements_text($1::jsonb) i(id) "
             "CROSS JOIN LATERAL (SELECT originator_id, state FROM {t} WHERE originator_id = "
@@ -143,6 +151,8 @@ class _Postgres:
         return self._rows(self._select(self.snapshots_table, "NULL::bigint", where), batch_size)
 
     def at(self, position: int) -> tuple[str, int] | None:
+        from psycopg import sql
+
         query = sql.SQL(
             "SELECT originator_id::text, originator_version FROM {t} WHERE notification_id = $1"
         ).format(t=self.events_table)

@@ -16,19 +16,20 @@ ids promoted from metadata, and one ``error`` per row naming each bad field and 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Final
 
 import duckdb
 import pyarrow as pa
-from psycopg import sql
 
 from esworkbench.errors import EsWorkbenchError, QueryError
 from esworkbench.events import TIMESTAMP
 from esworkbench.sources._rows import SOURCE_SCHEMA
+from esworkbench.sources._stage import rebatch
 
 if TYPE_CHECKING:
     from adbc_driver_manager.dbapi import Connection
+    from psycopg import sql
 
 __all__ = [
     "BATCH",
@@ -41,7 +42,7 @@ __all__ = [
     "finish",
     "finish_snapshots",
     "minify",
-    "rebatch",
+    "require_postgres",
     "run",
     "stream",
     "table_name",
@@ -78,15 +79,27 @@ _METADATA_PATHS: Final = (
 )
 
 
-def connect(dsn: str) -> Connection:
-    """Opens an ADBC connection to PostgreSQL (a URI or ``key=value`` conninfo)."""
+def require_postgres() -> None:
+    """Refuses a PostgreSQL source, with the install hint, when the postgres extra is missing.
+
+    Examples:
+        >>> require_postgres()  # installed here
+    """
     try:
-        import adbc_driver_postgresql.dbapi as adbc
+        import adbc_driver_postgresql.dbapi  # noqa: F401
+        import psycopg  # noqa: F401
     except ImportError:
         raise EsWorkbenchError(
-            "reading PostgreSQL needs adbc-driver-postgresql. "
+            "reading PostgreSQL needs the postgres extra (adbc-driver-postgresql and psycopg). "
             "Hint: pip install 'esworkbench[postgres]'"
         ) from None
+
+
+def connect(dsn: str) -> Connection:
+    """Opens an ADBC connection to PostgreSQL (a URI or ``key=value`` conninfo)."""
+    require_postgres()
+    import adbc_driver_postgresql.dbapi as adbc
+
     try:
         connection: Connection = adbc.connect(dsn)
     except adbc.Error as exc:
@@ -141,30 +154,6 @@ def stream(connection: Connection, query: str, batch_size: int) -> Iterator[pa.T
             ) from exc
 
 
-def rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.Table]:
-    """Cuts a stream of record batches into tables of exactly ``size`` rows (the last: fewer).
-
-    Examples:
-        >>> b = pa.record_batch({"x": list(range(5))})
-        >>> [t.num_rows for t in rebatch([b, b, b], 4)]
-        [4, 4, 4, 3]
-    """
-    pending: list[pa.RecordBatch] = []
-    held = 0
-    for batch in batches:
-        if batch.num_rows == 0:
-            continue
-        pending.append(batch)
-        held += batch.num_rows
-        while held >= size:
-            table = pa.Table.from_batches(pending)
-            yield table.slice(0, size).combine_chunks()
-            rest = table.slice(size)
-            pending, held = rest.to_batches(), rest.num_rows
-    if held:
-        yield pa.Table.from_batches(pending).combine_chunks()
-
-
 def check_batch_size(batch_size: int, after: int = 0) -> None:
     """Refuses a batch_size < 1 or a negative ``after`` before any connection is made."""
     for name, value, low in (("batch_size", batch_size, 1), ("after", after, 0)):
@@ -174,11 +163,15 @@ def check_batch_size(batch_size: int, after: int = 0) -> None:
 
 def table_name(table: str, schema: str | None) -> sql.Identifier:
     """The quoted name of a table, qualified by its schema when one is given."""
+    from psycopg import sql  # the postgres extra: only PostgreSQL sources reach here
+
     return sql.Identifier(schema, table) if schema else sql.Identifier(table)
 
 
 def column_types(connection: Connection, source: sql.Composable) -> dict[str, str]:
     """Column name -> PostgreSQL type name of a table (asks for no rows)."""
+    from psycopg import sql
+
     query = sql.SQL("SELECT * FROM {} LIMIT 0").format(source).as_string()
     schema = run(connection, query).schema
     return {f.name: (f.metadata or {}).get(b"POSTGRESQL:type", b"").decode() for f in schema}

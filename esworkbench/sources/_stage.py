@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from esworkbench.errors import EsWorkbenchError, InvalidEventError
 from esworkbench.sources._rows import FIELDS, SOURCE_SCHEMA, check_row
 
-__all__ = ["Recheck", "check_types", "connect", "finish", "pipelined"]
+__all__ = ["Recheck", "check_types", "connect", "finish", "pipelined", "rebatch"]
 
 Recheck = Callable[[Sequence[int]], list[dict[str, Any]]]
 """Reads the rows at these indices of a batch again, one by one, as SOURCE_SCHEMA rows."""
@@ -78,6 +78,30 @@ def pipelined(jobs: Iterable[Callable[[], pa.Table]]) -> Iterator[pa.Table]:
             pending = running
         if pending is not None:
             yield pending.result()
+
+
+def rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.Table]:
+    """Cuts a stream of record batches into tables of exactly ``size`` rows (the last: fewer).
+
+    Examples:
+        >>> b = pa.record_batch({"x": list(range(5))})
+        >>> [t.num_rows for t in rebatch([b, b, b], 4)]
+        [4, 4, 4, 3]
+    """
+    pending: list[pa.RecordBatch] = []
+    held = 0
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        pending.append(batch)
+        held += batch.num_rows
+        while held >= size:
+            table = pa.Table.from_batches(pending)
+            yield table.slice(0, size).combine_chunks()
+            rest = table.slice(size)
+            pending, held = rest.to_batches(), rest.num_rows
+    if held:
+        yield pa.Table.from_batches(pending).combine_chunks()
 
 
 def _q(name: str) -> str:

@@ -24,7 +24,7 @@ from esworkbench.errors import InvalidEventError
 from esworkbench.events import _ALIASES
 from esworkbench.sources import _stage
 from esworkbench.sources._rows import FIELDS, SOURCE_SCHEMA, bad_row
-from esworkbench.sources._sql import rebatch
+from esworkbench.sources._stage import rebatch
 
 __all__ = ["csv_header", "csv_tables", "open_stream", "resolve", "table_schema", "table_tables"]
 
