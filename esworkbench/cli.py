@@ -94,6 +94,17 @@ def _open(path: Path) -> Store:
     return store
 
 
+def _open_or_create(path: Path) -> Store:
+    """Opens a store, creating it when ``path`` does not exist yet or is an empty directory (an
+    import fills a new store); a directory holding anything else is an error."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        store = open_store(path)
+        click.echo(f"Initialised store at {store.path}", err=True)
+        store.sql("SET enable_progress_bar = false")
+        return store
+    return _open(path)
+
+
 def _open_readable(path: Path) -> Store | AttachedLake:
     """A store, or else a foreign lake attached read-only (a Delta table or Parquet files)."""
     if (path / "store.json").exists() or not (path.exists() or glob.has_magic(str(path))):
@@ -270,8 +281,13 @@ def info(store_path: Path, output_format: Literal["text", "json"]) -> None:
 @click.option(
     "--on-error", type=click.Choice(["fail", "quarantine"]), default="fail", show_default=True
 )
-@click.option("--table", help="events table (common), application (eventsourcing), schema (marten)")
+@click.option(
+    "--table",
+    help="events table (common), application (eventsourcing), schema (marten); "
+    "schema.name for a schema",
+)
 @click.option("--tz", help="IANA zone for naive timestamps in the source")
+@click.option("--default-aggregate-type", help="marten: the type of streams stored without one")
 def import_(
     store_path: Path,
     source: str,
@@ -279,8 +295,11 @@ def import_(
     on_error: Literal["fail", "quarantine"],
     table: str | None,
     tz: str | None,
+    default_aggregate_type: str | None,
 ) -> None:
     """Import SOURCE (a file, postgresql:// or sqlite:/// URL) into STORE, past its checkpoint.
+
+    STORE is created when it does not exist yet (or is an empty directory).
 
     \f
     Examples:
@@ -289,16 +308,21 @@ def import_(
         >>> folder = pathlib.Path(tempfile.mkdtemp())
         >>> _ = (folder / "e.jsonl").write_text(json.dumps({"eventType": "Opened",
         ...     "aggregateId": "a", "aggregateType": "Account", "data": {}}) + "\\n")
-        >>> _ = CliRunner().invoke(main, ["init", str(folder / "s")])
         >>> args = ["import", str(folder / "s"), str(folder / "e.jsonl")]
-        >>> print(CliRunner().invoke(main, args).output, end="")
+        >>> print(CliRunner().invoke(main, args).stdout, end="")
         Imported 1 event (source positions up to 1)
     """
     from esworkbench.sources import import_events
 
-    with closing(_open(store_path)) as store:
+    with closing(_open_or_create(store_path)) as store:
         result = import_events(
-            store, source, format=source_format, on_error=on_error, table=table, tz=tz
+            store,
+            source,
+            format=source_format,
+            on_error=on_error,
+            table=table,
+            tz=tz,
+            default_aggregate_type=default_aggregate_type,
         )
     text = f"Imported {_plural(result.imported, 'event')}"
     if result.last_position is not None:

@@ -19,7 +19,6 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, cast
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +38,7 @@ from esworkbench._statejson import SNAPSHOT_SCHEMA, StateError, loads_state
 from esworkbench.aggregates import Aggregate, plain_number
 from esworkbench.engine import SELECT_COLUMNS, Cursor, Folder, Source, _whole_streams, decode_events
 from esworkbench.errors import EsWorkbenchError
+from esworkbench.sources._urls import redact, split_table
 from esworkbench.store import Store
 
 __all__ = [
@@ -268,13 +268,7 @@ ImportFormat = Literal["common", "eventsourcing"]
 
 def _origin(source: str, format: str, table: str | None) -> str:
     """Names a source for a fold_key, without any password in it."""
-    parts = urlsplit(source)
-    if parts.password is not None:
-        host = parts.hostname or ""
-        user = f"{parts.username}@" if parts.username else ""
-        netloc = f"{user}{host}" + (f":{parts.port}" if parts.port else "")
-        source = urlunsplit(parts._replace(netloc=netloc))
-    return f"import:{format}:{source}" + (f"#{table}" if table else "")
+    return f"import:{format}:{redact(source)}" + (f"#{table}" if table else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,13 +294,17 @@ def _source_batches(
         require_postgres()
         from esworkbench.sources.postgres import read_postgres_snapshots
 
+        schema, name = split_table(table)
         return read_postgres_snapshots(
-            os.fspath(source), table=table or "snapshots", batch_size=batch_size
+            os.fspath(source), table=name or "snapshots", schema=schema, batch_size=batch_size
         )
     if format == "eventsourcing":
+        from esworkbench.sources._recorders import find_app
         from esworkbench.sources.eventsourcing import read_eventsourcing_snapshots
 
-        return read_eventsourcing_snapshots(source, app=table, batch_size=batch_size)
+        schema, name = split_table(table)
+        schema, app = find_app(os.fspath(source), name, schema)
+        return read_eventsourcing_snapshots(source, app=app, schema=schema, batch_size=batch_size)
     raise EsWorkbenchError(
         f"unknown snapshot format {format!r}. Hint: use 'common' (a PostgreSQL snapshots "
         "table) or 'eventsourcing' (the library's stored_snapshots or <app>_snapshots)"

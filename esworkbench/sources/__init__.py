@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from esworkbench.errors import EsWorkbenchError
 from esworkbench.sources import _sql
+from esworkbench.sources._urls import redact, split_table
 from esworkbench.sources.export import export_csv, export_jsonl, export_parquet
 from esworkbench.sources.imports import ImportResult, OnError, SourceRewrittenError, run_import
 from esworkbench.store import Store
@@ -97,36 +98,54 @@ def _file_reader(path: Path, columns: Mapping[str, str] | None, tz: str | None) 
 
 
 def _database_reader(
-    source: str, format: Format, table: str | None, columns: Mapping[str, str] | None
+    source: str,
+    format: Format,
+    table: str | None,
+    columns: Mapping[str, str] | None,
+    default_aggregate_type: str | None,
 ) -> _Reader:
     if not source.startswith("sqlite:///"):
         _sql.require_postgres()
+    shown = redact(source)  # the key is remembered in the store: never a password in it
+    schema, name = split_table(table)
     if format == "common":
         from esworkbench.sources.postgres import postgres_event_at, read_postgres
 
-        name = table or "events"
+        name = name or "events"
         return _Reader(
-            f"postgres:{source}#{name}",
+            f"postgres:{shown}#{table or name}",
             lambda after, size: read_postgres(
-                source, table=name, columns=columns, after=after, batch_size=size
+                source, table=name, schema=schema, columns=columns, after=after, batch_size=size
             ),
-            lambda position: postgres_event_at(source, position, table=name, columns=columns),
+            lambda position: postgres_event_at(
+                source, position, table=name, schema=schema, columns=columns
+            ),
         )
     if format == "eventsourcing":
+        from esworkbench.sources._recorders import find_app
         from esworkbench.sources.eventsourcing import eventsourcing_event_at, read_eventsourcing
 
+        schema, app = find_app(source, name, schema)
         return _Reader(
-            f"eventsourcing:{source}#{table or 'stored'}",
-            lambda after, size: read_eventsourcing(source, app=table, after=after, batch_size=size),
-            lambda position: eventsourcing_event_at(source, position, app=table),
+            f"eventsourcing:{shown}#{schema + '.' if schema else ''}{app}",
+            lambda after, size: read_eventsourcing(
+                source, app=app, schema=schema, after=after, batch_size=size
+            ),
+            lambda position: eventsourcing_event_at(source, position, app=app, schema=schema),
         )
     from esworkbench.sources.marten import marten_event_at, read_marten
 
-    schema = table or "public"
+    marten_schema = table or "public"
     return _Reader(
-        f"marten:{source}#{schema}",
-        lambda after, size: read_marten(source, schema=schema, after=after, batch_size=size),
-        lambda position: marten_event_at(source, position, schema=schema),
+        f"marten:{shown}#{marten_schema}",
+        lambda after, size: read_marten(
+            source,
+            schema=marten_schema,
+            after=after,
+            batch_size=size,
+            default_aggregate_type=default_aggregate_type,
+        ),
+        lambda position: marten_event_at(source, position, schema=marten_schema),
     )
 
 
@@ -155,6 +174,7 @@ def import_events(
     tz: str | None = None,
     batch_size: int = 100_000,
     quarantine: str | os.PathLike[str] | None = None,
+    default_aggregate_type: str | None = None,
 ) -> ImportResult:
     """Imports a source's events into the store, exactly and incrementally.
 
@@ -166,12 +186,16 @@ def import_events(
             ``"eventsourcing"`` (the library's recorder tables) or ``"marten"`` (``mt_events``).
         on_error: ``"fail"`` stops at the first bad row and commits nothing; ``"quarantine"``
             writes bad rows with their reasons to a JSON Lines file and imports the rest.
-        table: the events table (common), the application name (eventsourcing) or the schema
-            (marten).
+        table: the events table (common), the application name (eventsourcing: its tables are
+            ``<name>_events`` and ``<name>_snapshots``; found on its own when the database holds
+            one application) or the schema (marten). ``"schema.name"`` names a schema for the
+            first two.
         columns: for files and tables, canonical column name -> the source's column name.
         tz: IANA zone for naive timestamps; without it they are bad rows.
         batch_size: rows read and checked at a time (memory stays bounded by it).
         quarantine: where bad rows go (default: ``<store>/quarantine/<source>-<time>.jsonl``).
+        default_aggregate_type: marten: the aggregate_type of streams that Marten stored
+            without a type (started without one).
 
     Returns:
         :class:`ImportResult` with ``imported``, ``quarantined`` and ``last_position``.
@@ -194,9 +218,15 @@ def import_events(
         )
     text = os.fspath(source)
     if text.startswith(_DATABASE):
-        reader = _database_reader(text, format, table, columns)
+        reader = _database_reader(text, format, table, columns, default_aggregate_type)
     elif text.startswith("sqlite:///"):
-        reader = _database_reader(text, "eventsourcing", table, columns)
+        if format == "marten":
+            raise EsWorkbenchError(
+                f"format 'marten' reads PostgreSQL, but {text} is a SQLite file. Hint: pass the "
+                "postgresql:// URL of Marten's database"
+            )
+        # The one SQLite history esworkbench reads is the eventsourcing library's recorder.
+        reader = _database_reader(text, "eventsourcing", table, columns, None)
     elif format != "common":
         raise EsWorkbenchError(
             f"format {format!r} reads a database, but {text} is not a postgresql:// or "

@@ -12,15 +12,16 @@ import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from esworkbench.errors import EsWorkbenchError
 from esworkbench.sources import _sql
+from esworkbench.sources._urls import redact
 
 if TYPE_CHECKING:
     from psycopg import sql
 
-__all__ = ["Recorder", "Row", "open_recorder"]
+__all__ = ["Recorder", "Row", "find_app", "open_recorder"]
 
 Row = tuple[int | None, str, int, str, bytes]
 """A stored event or snapshot: position (None for snapshots), originator_id, version, topic,
@@ -92,7 +93,7 @@ class _SQLite:
 def _refused(exc: Exception, query: str) -> EsWorkbenchError:
     return EsWorkbenchError(
         f"the eventsourcing database refused the query: {exc}\n  query: {query}\n"
-        "Hint: check that the file or app= names the application's database"
+        "Hint: check that the file names the application's database (its SQLITE_DBNAME)"
     )
 
 
@@ -174,3 +175,74 @@ def open_recorder(source: str | os.PathLike[str], app: str | None, schema: str |
     if source.startswith(("postgresql://", "postgres://")) or "=" in source:
         return _Postgres(source, app, schema)
     return _SQLite(source)
+
+
+# The columns of the library's PostgreSQL events table, by which its tables are told from others.
+_RECORDER_COLUMNS: Final = (
+    "notification_id",
+    "originator_id",
+    "originator_version",
+    "topic",
+    "state",
+)
+
+
+def find_app(source: str, app: str | None, schema: str | None) -> tuple[str | None, str]:
+    """The (schema, application) whose tables an eventsourcing import reads.
+
+    In PostgreSQL, the library names its tables after the application in lower case
+    (``bankaccounts_events`` for ``BankAccounts``): the table is looked up in ``schema``, or in
+    the schemas of the search path, and when ``app`` is None the database must hold exactly one
+    application's tables. So naming the application (in any case) and finding it give the same
+    answer. SQLite has one ``stored_events`` whatever the application: (None, "stored").
+
+    Raises:
+        EsWorkbenchError: no such table, or several (the message names them).
+
+    Examples:
+        >>> find_app("sqlite:///bank.db", "Bank", None)
+        (None, 'stored')
+    """
+    if not source.startswith(("postgresql://", "postgres://")):
+        return None, "stored"
+    conditions = [
+        "c.table_schema = $1" if schema else "c.table_schema = ANY(current_schemas(false))"
+    ]
+    params: tuple[object, ...] = (schema,) if schema else ()
+    if app is not None:
+        conditions.append(f"c.table_name = ${len(params) + 1}")
+        params = (*params, f"{app.lower()}_events")
+    wanted = ", ".join(f"'{name}'" for name in _RECORDER_COLUMNS)  # constants, not user text
+    query = (
+        "SELECT c.table_schema, c.table_name FROM information_schema.columns c "
+        f"WHERE {' AND '.join(conditions)} AND c.table_name LIKE '%\\_events' "
+        f"AND c.column_name IN ({wanted}) GROUP BY c.table_schema, c.table_name "
+        f"HAVING count(*) = {len(_RECORDER_COLUMNS)} "
+        "ORDER BY array_position(current_schemas(false), c.table_schema::name), 1, 2"
+    )
+    connection = _sql.connect(source)
+    try:
+        found = _sql.run(connection, query, params).to_pylist()
+    finally:
+        connection.close()
+    tables = [
+        (str(row["table_schema"]), str(row["table_name"])[: -len("_events")]) for row in found
+    ]
+    if app is not None and tables:
+        return tables[0]  # the first schema of the search path that holds it, as PostgreSQL would
+    if len(tables) == 1:
+        return tables[0]
+    place = f"schema {schema!r}" if schema else "the schemas of the search path"
+    if not tables:
+        named = f"{app.lower()}_events" if app else "<app>_events"
+        raise EsWorkbenchError(
+            f"no table of the eventsourcing library's PostgreSQL recorder ({named} with "
+            f"notification_id, originator_id, originator_version, topic, state) in {place} of "
+            f"{redact(source)}. Hint: pass table='<application name>', or "
+            "table='<schema>.<application name>' for a POSTGRES_SCHEMA"
+        )
+    names = ", ".join(f"{s}.{a}" if schema is None else a for s, a in tables)
+    raise EsWorkbenchError(
+        f"{place} of {redact(source)} holds the tables of {len(tables)} applications: "
+        f"{names}. Hint: pass table= with the one to import"
+    )
