@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
+from eventsourcing.persistence import StoredEvent
 from psycopg import sql
 
 import esworkbench as esw
@@ -192,3 +193,63 @@ def test_esw_import_creates_a_new_store(tmp_path: Path) -> None:
     assert refused.exit_code != 0
     assert "is not an esworkbench store" in refused.output
     assert not (tmp_path / "other" / "store.json").exists()
+
+
+def _kennel(env: dict[str, str]) -> Application[str]:
+    """An application of text ids (ORIGINATOR_ID_TYPE=text), three of which look like UUIDs
+    in different spellings: each is its own stream, and keeps its text."""
+    app: Application[str] = type("Kennel", (Application,), {})(
+        env={**env, "ORIGINATOR_ID_TYPE": "text"}
+    )
+    stamp = {"_type_": "datetime_iso", "_data_": "2024-01-01T00:00:00+00:00"}
+    app.recorder.insert_events(
+        [
+            StoredEvent(
+                originator_id=name,
+                originator_version=1,
+                topic="kennel:Dog.Registered",
+                state=json.dumps(
+                    {"timestamp": stamp, "originator_topic": "kennel:Dog", "name": name}
+                ).encode(),
+            )
+            for name in TEXT_IDS
+        ]
+    )
+    return app
+
+
+TEXT_IDS = [
+    "dog-1",
+    "0F8FAD5BD9CB469FA16570867728950E",
+    "0f8fad5b-d9cb-469f-a165-70867728950e",
+]
+
+
+def test_text_ids_stay_as_written_in_sqlite(tmp_path: Path) -> None:
+    database = tmp_path / "kennel.db"
+    app = _kennel({"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": str(database)})
+    app.close()
+    store = esw.open_store(tmp_path / "store")
+    assert esw.import_events(store, f"sqlite:///{database}", format="eventsourcing").imported == 3
+    ids = store.sql("SELECT aggregate_id FROM events ORDER BY position").fetchall()
+    assert [row[0] for row in ids] == TEXT_IDS
+
+
+@pytest.mark.postgres
+def test_text_ids_stay_as_written_in_postgres(tmp_path: Path, schema: str) -> None:
+    env = {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": "test",
+        "POSTGRES_HOST": "127.0.0.1",
+        "POSTGRES_PORT": "5432",
+        "POSTGRES_USER": "postgres",
+        "POSTGRES_PASSWORD": "",
+        "POSTGRES_SCHEMA": schema,
+    }
+    app = _kennel(env)
+    app.close()
+    store = esw.open_store(tmp_path / "store")
+    result = esw.import_events(store, DSN, format="eventsourcing", table=f"{schema}.")
+    assert result.imported == 3
+    ids = store.sql("SELECT aggregate_id FROM events ORDER BY position").fetchall()
+    assert [row[0] for row in ids] == TEXT_IDS

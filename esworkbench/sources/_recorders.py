@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Recorder", "Row", "find_app", "open_recorder"]
 
+_HEX32: Final = re.compile(r"[0-9a-f]{32}")
+
 Row = tuple[int | None, str, int, str, bytes]
 """A stored event or snapshot: position (None for snapshots), originator_id, version, topic,
 state."""
@@ -35,6 +39,7 @@ class Recorder(Protocol):
     def first_states(self, originator_ids: Sequence[str]) -> dict[str, bytes]: ...
     def snapshots(self, batch_size: int) -> Iterator[list[Row]]: ...
     def at(self, position: int) -> tuple[str, int] | None: ...
+    def canonical_id(self, originator_id: str) -> str: ...
     def close(self) -> None: ...
 
 
@@ -85,6 +90,13 @@ class _SQLite:
         query = "SELECT originator_id, originator_version FROM stored_events WHERE rowid = ?"
         rows = [r for batch in self._batches(query, (position,), 1) for r in batch]
         return (rows[0][0], rows[0][1]) if rows else None
+
+    def canonical_id(self, originator_id: str) -> str:
+        """The library writes a UUID id as 32 lowercase hex digits: that becomes the UUID's
+        canonical text; any other id (``ORIGINATOR_ID_TYPE=text``) stays exactly as written."""
+        if len(originator_id) == 32 and _HEX32.fullmatch(originator_id):
+            return str(uuid.UUID(originator_id))
+        return originator_id
 
     def close(self) -> None:
         self.db.close()
@@ -159,6 +171,11 @@ class _Postgres:
         ).format(t=self.events_table)
         rows = _sql.run(self.connection, query.as_string(), (int(position),)).to_pylist()
         return (rows[0]["originator_id"], rows[0]["originator_version"]) if rows else None
+
+    def canonical_id(self, originator_id: str) -> str:
+        """A ``uuid`` column reads as canonical text already; a ``text`` column's ids
+        (``ORIGINATOR_ID_TYPE=text``) stay exactly as written."""
+        return originator_id
 
     def close(self) -> None:
         self.connection.close()

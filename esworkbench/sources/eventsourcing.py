@@ -41,7 +41,7 @@ from esworkbench.events import dumps_json, loads_exact
 from esworkbench.sources import _sql
 from esworkbench.sources._recorders import Row, open_recorder
 from esworkbench.sources._rows import SOURCE_SCHEMA
-from esworkbench.sources._sql import SNAPSHOT_SOURCE_SCHEMA, canonical_uuid
+from esworkbench.sources._sql import SNAPSHOT_SOURCE_SCHEMA
 
 __all__ = [
     "EVENT_ID_NAMESPACE",
@@ -254,7 +254,9 @@ def _event(row: Row, stream: _Stream, decoder: _Decoder) -> dict[str, Any]:
     return out
 
 
-def _streams(rows: Sequence[Row], first_states: Mapping[str, bytes]) -> dict[str, _Stream]:
+def _streams(
+    rows: Sequence[Row], first_states: Mapping[str, bytes], canonical: Callable[[str], str]
+) -> dict[str, _Stream]:
     """originator_id -> (aggregate_id, class name of the first event's originator_topic)."""
     streams: dict[str, _Stream] = {}
     for originator_id in {row[1] for row in rows}:
@@ -269,7 +271,7 @@ def _streams(rows: Sequence[Row], first_states: Mapping[str, bytes]) -> dict[str
         )
         if isinstance(topic, str) and topic:
             aggregate_type = class_name(topic)
-        streams[originator_id] = (canonical_uuid(originator_id), aggregate_type)
+        streams[originator_id] = (canonical(originator_id), aggregate_type)
     return streams
 
 
@@ -308,7 +310,8 @@ def read_eventsourcing(
     recorder = open_recorder(source, app, schema)
     try:
         for rows in recorder.events(after, batch_size):
-            streams = _streams(rows, recorder.first_states(sorted({r[1] for r in rows})))
+            first_states = recorder.first_states(sorted({r[1] for r in rows}))
+            streams = _streams(rows, first_states, recorder.canonical_id)
             events = [_event(row, streams[row[1]], decoder) for row in rows]
             yield _table(events, SOURCE_SCHEMA)
     finally:
@@ -331,11 +334,11 @@ def eventsourcing_event_at(
     recorder = open_recorder(source, app, schema)
     try:
         found = recorder.at(int(position))
+        return (
+            None if found is None else derived_event_id(recorder.canonical_id(found[0]), found[1])
+        )
     finally:
         recorder.close()
-    if found is None:
-        return None
-    return derived_event_id(str(canonical_uuid(found[0])), found[1])
 
 
 def read_eventsourcing_snapshots(
@@ -358,16 +361,16 @@ def read_eventsourcing_snapshots(
     recorder = open_recorder(source, app, schema)
     try:
         for rows in recorder.snapshots(batch_size):
-            snapshots = [_snapshot(row, decoder) for row in rows]
+            snapshots = [_snapshot(row, decoder, recorder.canonical_id) for row in rows]
             yield _table(snapshots, SNAPSHOT_SOURCE_SCHEMA)
     finally:
         recorder.close()
 
 
-def _snapshot(row: Row, decoder: _Decoder) -> dict[str, Any]:
+def _snapshot(row: Row, decoder: _Decoder, canonical: Callable[[str], str]) -> dict[str, Any]:
     _, originator_id, version, topic, raw = row
     out: dict[str, Any] = dict.fromkeys(SNAPSHOT_SOURCE_SCHEMA.names)
-    out |= {"aggregate_id": canonical_uuid(originator_id), "version": version}
+    out |= {"aggregate_id": canonical(originator_id), "version": version}
     metadata: dict[str, Any] = {"topic": topic}
     try:
         state = decoder.state(raw)
