@@ -135,6 +135,8 @@ def _chunks(
     if aggregate_id is not None:
         from esworkbench.temporal import read_events
 
+        if version is not None:  # a stream shorter than version: its head
+            version = min(version, store.stream_version(aggregate_id))
         yield read_events(cast("Source", store), aggregate, aggregate_id, version=version)
         return
     query = (

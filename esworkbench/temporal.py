@@ -89,6 +89,7 @@ def read_events(
 
     Raises:
         UnknownStreamError: when the stream has no events at all.
+        EsWorkbenchError: ``version`` is past the stream's head.
         EsWorkbenchError: when the stream belongs to another aggregate type, or bounds are bad.
 
     Examples:
@@ -118,6 +119,12 @@ def read_events(
         raise EsWorkbenchError(
             f"stream {aggregate_id!r} is a {stored_type!r}, but the fold is for "
             f"{aggregate.name!r}. Hint: replay it with a fold named {stored_type!r}"
+        )
+    head = pc.max(everything["version"]).as_py()
+    if to_version is not None and to_version > head:
+        raise EsWorkbenchError(
+            f"stream {aggregate_id!r} has {head} versions; version={to_version} is past its "
+            f"head. Hint: ask for a version from 0 to {head}, or leave version out for the end"
         )
     keep = pc.greater_equal(everything["version"], 1)
     if to_version is not None:

@@ -125,6 +125,12 @@ def test_bad_questions_get_clear_errors(bank: esw.Store) -> None:
         esw.replay(bank, ACCOUNT, "acc-1", at=datetime(2024, 3, 1))
     with pytest.raises(esw.EsWorkbenchError, match="version"):
         esw.replay(bank, ACCOUNT, "acc-1", version=-1)
+    head = bank.stream_version("acc-1")
+    with pytest.raises(esw.EsWorkbenchError, match=rf"has {head} versions; version={head + 1} is"):
+        esw.replay(bank, ACCOUNT, "acc-1", version=head + 1)
+    with pytest.raises(esw.EsWorkbenchError, match="past its head"):
+        esw.steps(bank, ACCOUNT, "acc-1", version=head + 1)
+    assert esw.replay(bank, ACCOUNT, "acc-1", version=head) == esw.replay(bank, ACCOUNT, "acc-1")
     with pytest.raises(esw.EsWorkbenchError, match="not an ISO instant"):
         esw.replay(bank, ACCOUNT, "acc-1", at="yesterday")
 

@@ -217,7 +217,7 @@ def test_every_n_for_every_stream_in_small_batches(tmp_path: Path) -> None:
         ).fetchall()
         assert json.loads(stored[0][0])["balance"] == state["balance"]
     for i in range(4):
-        for version in range(0, 13):
+        for version in range(0, store.stream_version(f"acc-{i}") + 1):
             full = esw.replay(store, ACCOUNT, f"acc-{i}", version=version)
             assert esw.replay(store, ACCOUNT, f"acc-{i}", version=version, snapshots=True) == full
     assert len(files(store)) == 2  # one file per commit; a call with nothing new commits nothing
@@ -377,7 +377,8 @@ def test_snapshot_plus_tail_is_the_full_replay(
     for version in versions:
         esw.snapshot(store, RICH, "acc-1", version=version)
     bound = T0 + moment * timedelta(minutes=1)
-    for question in ({"version": target}, {"at": bound}, {"at": bound - US}, {}):
+    questions = ({"version": min(target, len(events))}, {"at": bound}, {"at": bound - US}, {})
+    for question in questions:
         full = esw.replay(store, RICH, "acc-1", **question)
         assert esw.replay(store, RICH, "acc-1", snapshots=True, **question) == full
     store.close()
