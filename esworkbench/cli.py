@@ -333,6 +333,12 @@ def import_(
             f"Quarantined {_plural(result.quarantined, 'bad row')} in {result.quarantine_path}",
             err=True,
         )
+    if result.unsettled_after is not None:
+        click.echo(
+            f"Left the rows past source position {result.unsettled_after} for the next run: a "
+            "transaction that may still write before them is in progress",
+            err=True,
+        )
 
 
 @main.command()

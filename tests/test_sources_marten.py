@@ -8,13 +8,16 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
 
+import esworkbench as esw
 from esworkbench.errors import EsWorkbenchError, QueryError
+from esworkbench.sources import _settled
 from esworkbench.sources._rows import SOURCE_SCHEMA
 from esworkbench.sources.marten import marten_event_at, read_marten, read_marten_snapshots
 from esworkbench.sources.postgres import SNAPSHOT_SOURCE_SCHEMA
@@ -276,3 +279,73 @@ def test_lookups_while_the_stream_is_open(pg: psycopg.Connection[Any], schema: s
     rows = [r for b in batches for r in b.to_pylist()]
     assert [r["version"] for r in rows] == list(range(1, 21))
     assert {(r["aggregate_type"], r["error"]) for r in rows} == {("Account", None)}
+
+
+def draw(connection: psycopg.Connection[Any], schema: str) -> int:
+    """Draws a seq_id from mt_events_sequence, as Marten's rich append does before inserting."""
+    sequence = f"{schema}.mt_events_sequence"
+    drawn = connection.execute("SELECT nextval(%s::regclass)", (sequence,)).fetchone()
+    assert drawn is not None
+    return int(drawn[0])
+
+
+def insert(
+    connection: psycopg.Connection[Any], schema: str, seq_id: int, stream: uuid.UUID
+) -> None:
+    """Inserts version 1 of a stream at seq_id (commits only in autocommit mode)."""
+    row = (seq_id, uuid.uuid4(), stream, 1, "{}", "noted", T0, "*DEFAULT*", None, None, None,
+           None, False)  # fmt: skip
+    run(connection, schema, EVENT, [row])
+
+
+def append(connection: psycopg.Connection[Any], schema: str, stream: uuid.UUID) -> int:
+    seq_id = draw(connection, schema)
+    insert(connection, schema, seq_id, stream)
+    return seq_id
+
+
+def with_sequence(pg: psycopg.Connection[Any], schema: str, count: int) -> list[uuid.UUID]:
+    """Marten's tables with mt_events_sequence, and ``count`` streams of type Note."""
+    run(pg, schema, MARTEN_DDL + "CREATE SEQUENCE {s}.mt_events_sequence;")
+    streams = [uuid.UUID(int=7000 + i) for i in range(count)]
+    run(pg, schema, STREAM, [(s, "Notes.Note, Notes", 1, T0, "*DEFAULT*") for s in streams])
+    return streams
+
+
+def imported_streams(store: esw.Store) -> list[str]:
+    query = "SELECT aggregate_id FROM events ORDER BY position"
+    return [r[0] for r in store.sql(query).fetchall()]
+
+
+def test_a_late_event_is_imported_by_the_next_run(
+    pg: psycopg.Connection[Any], schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_settled, "SETTLE_SECONDS", 0.2)
+    late, early = with_sequence(pg, schema, 2)
+    store = esw.open_store(tmp_path / "store")
+    with psycopg.connect(DSN) as slow:
+        assert draw(slow, schema) == 1  # drawn, its event not inserted yet
+        assert append(pg, schema, early) == 2
+        first = esw.import_events(store, DSN, format="marten", table=schema)
+        assert (first.imported, first.last_position, first.unsettled_after) == (0, None, 0)
+        insert(slow, schema, 1, late)
+        slow.commit()
+    second = esw.import_events(store, DSN, format="marten", table=schema)
+    assert (second.imported, second.last_position, second.unsettled_after) == (2, 2, None)
+    assert esw.import_events(store, DSN, format="marten", table=schema).imported == 0
+    assert imported_streams(store) == [str(late), str(early)]
+
+
+def test_a_rolled_back_append_leaves_a_gap_that_does_not_block(
+    pg: psycopg.Connection[Any], schema: str, tmp_path: Path
+) -> None:
+    first, undone, last = with_sequence(pg, schema, 3)
+    assert append(pg, schema, first) == 1
+    with psycopg.connect(DSN) as writer:
+        assert append(writer, schema, undone) == 2
+        writer.rollback()
+    assert append(pg, schema, last) == 3
+    store = esw.open_store(tmp_path / "store")
+    result = esw.import_events(store, DSN, format="marten", table=schema)
+    assert (result.imported, result.last_position, result.unsettled_after) == (2, 3, None)
+    assert imported_streams(store) == [str(first), str(last)]

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from click.testing import CliRunner
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+import esworkbench as esw
+from esworkbench.cli import main
 from esworkbench.errors import EsWorkbenchError, QueryError
+from esworkbench.sources import _settled
 from esworkbench.sources._rows import SOURCE_SCHEMA
+from esworkbench.sources._settled import Unsettled
 from esworkbench.sources.postgres import (
     SNAPSHOT_SOURCE_SCHEMA,
     postgres_event_at,
@@ -340,3 +347,109 @@ def test_schema_qualified_table(pg: psycopg.Connection[Any], name: str) -> None:
 def test_empty_table_yields_nothing(pg: psycopg.Connection[Any], name: str) -> None:
     create(pg, name, [])
     assert list(read_postgres(DSN, table=name)) == []
+
+
+def add(connection: psycopg.Connection[Any], table: str, stream: str) -> int:
+    """Inserts an event (version 1 of its own stream) and returns its id; commits only when
+    ``connection`` is in autocommit mode."""
+    query = sql.SQL(INSERT + " RETURNING id").format(t=sql.Identifier(table))
+    row = (uuid.uuid4(), "E", stream, "T", 1, "{}", None, T0)
+    found = connection.execute(query, row).fetchone()
+    assert found is not None
+    return int(found[0])
+
+
+def drain(reading: Generator[Any, None, Unsettled | None]) -> tuple[list[int], Unsettled | None]:
+    """The positions a reader yields from here on, and what it returns."""
+    positions: list[int] = []
+    while True:
+        try:
+            positions += next(reading)["source_position"].to_pylist()
+        except StopIteration as stop:
+            return positions, stop.value
+
+
+def stored(store: esw.Store) -> list[str]:
+    return [r[0] for r in store.sql("SELECT aggregate_id FROM events ORDER BY position").fetchall()]
+
+
+def test_a_late_commit_is_imported_by_the_next_run(
+    pg: psycopg.Connection[Any], name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_settled, "SETTLE_SECONDS", 0.2)
+    create(pg, name, [])
+    store = esw.open_store(tmp_path / "store")
+    assert add(pg, name, "a") == 1
+    with psycopg.connect(DSN) as slow:
+        assert add(slow, name, "late") == 2  # its transaction stays open
+        assert add(pg, name, "b") == 3
+        first = esw.import_events(store, DSN, table=name)
+        assert (first.imported, first.last_position, first.unsettled_after) == (1, 1, 1)
+        assert "rows past source position 1 were left for the next run" in str(first)
+        slow.commit()
+    second = esw.import_events(store, DSN, table=name)
+    assert (second.imported, second.last_position, second.unsettled_after) == (2, 3, None)
+    assert esw.import_events(store, DSN, table=name).imported == 0
+    assert stored(store) == ["a", "late", "b"]  # each once, in id order
+
+
+def test_esw_import_says_which_rows_it_left(
+    pg: psycopg.Connection[Any], name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_settled, "SETTLE_SECONDS", 0.1)
+    create(pg, name, [])
+    add(pg, name, "a")
+    args = ["import", str(tmp_path / "store"), DSN, "--table", name]
+    with psycopg.connect(DSN) as slow:
+        add(slow, name, "late")
+        add(pg, name, "b")
+        result = CliRunner().invoke(main, args)
+    assert (result.exit_code, result.stdout) == (0, "Imported 1 event (source positions up to 1)\n")
+    assert result.stderr.endswith(
+        "Left the rows past source position 1 for the next run: a transaction that may still "
+        "write before them is in progress\n"
+    )
+    again = CliRunner().invoke(main, args)
+    assert (again.stdout, again.stderr) == ("Imported 2 events (source positions up to 3)\n", "")
+
+
+def test_a_reader_waits_at_a_gap_for_the_writer_that_fills_it(
+    pg: psycopg.Connection[Any], name: str
+) -> None:
+    create(pg, name, [])
+    add(pg, name, "a")
+    with psycopg.connect(DSN) as slow:
+        add(slow, name, "late")
+        add(pg, name, "b")
+        # The writer outlives the wait: the read stops before the gap and says so.
+        assert drain(read_postgres(DSN, table=name, settle_seconds=0.1)) == (
+            [1],
+            Unsettled(position=1, writers=1),
+        )
+        # The writer commits while the reader is at the gap: the reader reads on past it.
+        reading = read_postgres(DSN, table=name, settle_seconds=30)
+        assert next(reading)["source_position"].to_pylist() == [1]
+        slow.commit()
+        assert drain(reading) == ([2, 3], None)
+
+
+def test_permanent_gaps_do_not_block(
+    pg: psycopg.Connection[Any], name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_settled, "SETTLE_SECONDS", 30.0)  # a wait would show in the time
+    create(pg, name, [])
+    with psycopg.connect(DSN) as undone:
+        add(undone, name, "rolled-back")  # id 1: below the first visible id
+        undone.rollback()
+    for stream in ("a", "b", "deleted", "c"):
+        add(pg, name, stream)
+    pg.execute(sql.SQL("DELETE FROM {} WHERE id = 4").format(sql.Identifier(name)))
+    store = esw.open_store(tmp_path / "store")
+    with psycopg.connect(DSN) as elsewhere:  # a writer of another table is no reason to wait
+        elsewhere.execute("CREATE TEMPORARY TABLE busy (x int)")
+        elsewhere.execute("INSERT INTO busy VALUES (1)")
+        start = time.monotonic()
+        result = esw.import_events(store, DSN, table=name)
+        assert time.monotonic() - start < 10
+    assert (result.imported, result.last_position, result.unsettled_after) == (3, 5, None)
+    assert stored(store) == ["a", "b", "c"]

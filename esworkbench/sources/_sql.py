@@ -16,7 +16,7 @@ ids promoted from metadata, and one ``error`` per row naming each bad field and 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from typing import TYPE_CHECKING, Final
 
 import duckdb
@@ -135,8 +135,11 @@ def _refused(exc: BaseException, query: str) -> QueryError:
     )
 
 
-def stream(connection: Connection, query: str, batch_size: int) -> Iterator[pa.Table]:
-    """Runs a query without parameters and yields its rows as tables of at most batch_size."""
+def stream(connection: Connection, query: str, batch_size: int) -> Generator[pa.Table, None, None]:
+    """Runs a query without parameters and yields its rows as tables of at most batch_size.
+
+    Closing the iterator early cancels the query, so the connection can run the next one at once.
+    """
     import adbc_driver_manager.dbapi as dbapi
 
     with connection.cursor() as cursor:
@@ -147,6 +150,9 @@ def stream(connection: Connection, query: str, batch_size: int) -> Iterator[pa.T
             raise _refused(exc, query) from exc
         try:
             yield from rebatch(reader, batch_size)
+        except GeneratorExit:  # closed early: cancel the rest, or the connection drains it
+            cursor.adbc_cancel()
+            raise
         except (OSError, pa.ArrowException) as exc:
             raise EsWorkbenchError(
                 f"PostgreSQL stopped sending rows: {_first_line(exc)}. Hint: run again; the rows "

@@ -18,12 +18,12 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Literal, Protocol
+from typing import IO, Any, Literal, Protocol, cast
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +39,7 @@ from esworkbench.errors import (
 )
 from esworkbench.events import EVENT_SCHEMA
 from esworkbench.sources import _ids, _streams
+from esworkbench.sources._settled import Unsettled
 from esworkbench.store import Store
 
 __all__ = ["ImportResult", "OnError", "Reader", "SourceRewrittenError", "run_import"]
@@ -80,10 +81,18 @@ class Reader(Protocol):
 class ImportResult:
     """What an import did. ``imported + quarantined`` is every source row it read.
 
+    ``unsettled_after`` is a source position when the rows past it were left for the next run:
+    a database source had a gap there that a transaction still running may fill.
+
     Examples:
         >>> print(ImportResult("x.jsonl", imported=3, quarantined=1, last_position=4,
         ...                    quarantine_path="q.jsonl"))
         Imported 3 events from x.jsonl; 1 bad row quarantined in q.jsonl
+        >>> left = ImportResult("db", imported=2, quarantined=0, last_position=7,
+        ...                     unsettled_after=7)
+        >>> str(left).endswith("rows past source position 7 were left for the next run, "
+        ...                    "as a transaction that may still write before them is in progress")
+        True
     """
 
     source: str
@@ -91,6 +100,7 @@ class ImportResult:
     quarantined: int
     last_position: int | None
     quarantine_path: str | None = None
+    unsettled_after: int | None = None
 
     def __str__(self) -> str:
         def count(n: int, noun: str) -> str:
@@ -99,6 +109,11 @@ class ImportResult:
         text = f"Imported {count(self.imported, 'event')} from {self.source}"
         if self.quarantined:
             text += f"; {count(self.quarantined, 'bad row')} quarantined in {self.quarantine_path}"
+        if self.unsettled_after is not None:
+            text += (
+                f"; rows past source position {self.unsettled_after} were left for the next "
+                "run, as a transaction that may still write before them is in progress"
+            )
         return text
 
 
@@ -259,7 +274,8 @@ def run_import(
             progress = tqdm(
                 desc=f"import {reader.key}", unit="event", unit_scale=True, disable=None
             )
-            for batch in reader.batches(after=after, batch_size=batch_size):
+            batches = _Batches(reader.batches(after=after, batch_size=batch_size))
+            for batch in batches:
                 progress.update(batch.num_rows)
                 if batch.num_rows == 0:
                     continue
@@ -306,7 +322,23 @@ def run_import(
         quarantined=quarantined.count,
         last_position=last if last else None,
         quarantine_path=str(quarantined.path) if quarantined.count else None,
+        unsettled_after=batches.unsettled_after,
     )
+
+
+class _Batches:
+    """A reader's batches, keeping what its generator returns: an ``Unsettled`` when it left
+    rows past a gap that a running transaction may fill (see ``sources._settled``)."""
+
+    def __init__(self, batches: Iterator[pa.Table]) -> None:
+        self._batches = batches
+        self.unsettled_after: int | None = None
+
+    def __iter__(self) -> Iterator[pa.Table]:
+        # The PostgreSQL readers are generators that return what they left (None: nothing).
+        left = yield from cast("Generator[pa.Table, None, object]", self._batches)
+        if isinstance(left, Unsettled):
+            self.unsettled_after = left.position
 
 
 def _placed(events: pa.Table, head_position: int) -> pa.Table:

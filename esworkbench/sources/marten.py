@@ -23,7 +23,7 @@ Each event becomes one row of :data:`~esworkbench.sources._rows.SOURCE_SCHEMA`:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Final
 
 import pyarrow as pa
@@ -32,6 +32,7 @@ from psycopg import sql
 
 from esworkbench.errors import EsWorkbenchError
 from esworkbench.sources import _sql
+from esworkbench.sources._settled import Source, Unsettled, between, read_settled
 
 if TYPE_CHECKING:
     from adbc_driver_manager.dbapi import Connection
@@ -58,8 +59,11 @@ def _optional(columns: dict[str, str], name: str, kind: str) -> sql.Composable:
     return sql.SQL("e.{}::{}").format(sql.Identifier(name), sql.SQL(kind))
 
 
-def _events_query(columns: dict[str, str], events: sql.Identifier, after: int) -> str:
-    """The events in seq_id order, straight from the primary key: no join, no sort."""
+def _events_query(
+    columns: dict[str, str], events: sql.Identifier, after: int, upto: int | None
+) -> str:
+    """The events past ``after`` (up to ``upto``) in seq_id order, straight from the primary
+    key: no join, no sort."""
     return (
         sql.SQL(
             """SELECT e.seq_id::bigint AS source_position, e.id::text AS event_id,
@@ -69,7 +73,7 @@ def _events_query(columns: dict[str, str], events: sql.Identifier, after: int) -
                 e.data::text AS data, {tenant} AS tenant_id, {dotnet} AS mt_dotnet_type,
                 {headers} AS headers, {archived} AS is_archived,
                 {correlation} AS correlation_id, {causation} AS causation_id
-            FROM {events} e WHERE e.seq_id > {after} ORDER BY e.seq_id"""
+            FROM {events} e WHERE {where} ORDER BY e.seq_id"""
         )
         .format(
             tenant=_optional(columns, "tenant_id", "text"),
@@ -79,7 +83,7 @@ def _events_query(columns: dict[str, str], events: sql.Identifier, after: int) -
             correlation=_optional(columns, "correlation_id", "text"),
             causation=_optional(columns, "causation_id", "text"),
             events=events,
-            after=sql.Literal(after),
+            where=between(sql.SQL("e.seq_id"), after, upto),
         )
         .as_string()
     )
@@ -179,8 +183,14 @@ def read_marten(
     after: int = 0,
     batch_size: int = 100_000,
     default_aggregate_type: str | None = None,
-) -> Iterator[pa.Table]:
+    settle_seconds: float | None = None,
+) -> Generator[pa.Table, None, Unsettled | None]:
     """Streams the events of a Marten event store in ``seq_id`` order.
+
+    Only settled positions are read: a gap in ``seq_id`` is passed once no transaction that
+    could still fill it is running (one holding a write lock on ``mt_events`` or on
+    ``mt_events_sequence``; see :mod:`esworkbench.sources._settled`), so an event whose
+    transaction commits late is read by a later call, never skipped.
 
     Args:
         dsn: a libpq URI or conninfo of the database Marten writes to.
@@ -189,11 +199,15 @@ def read_marten(
         batch_size: the most rows in one table.
         default_aggregate_type: the aggregate_type of streams whose ``mt_streams.type`` is null
             (streams started without an aggregate type); without it they are error rows.
+        settle_seconds: how long to wait at a gap for the transactions that may fill it
+            (default :data:`~esworkbench.sources._settled.SETTLE_SECONDS`).
 
     Returns:
         Tables in :data:`~esworkbench.sources._rows.SOURCE_SCHEMA`, one row per event; data is
         compact JSON with numbers as stored; rows that cannot be events name field and reason in
-        ``error``.
+        ``error``. The generator returns None, or an
+        :class:`~esworkbench.sources._settled.Unsettled` when it stopped at a gap that a running
+        transaction may still fill.
 
     Raises:
         EsWorkbenchError: the database cannot be reached or has no Marten tables in ``schema``.
@@ -210,10 +224,15 @@ def read_marten(
     with _sql.connect(dsn) as connection, _sql.connect(dsn) as lookups:
         columns = _columns(connection, events, schema)
         types = _StreamTypes(lookups, streams)
-        query = _events_query(columns, events, after)
+        source = Source(
+            [events.as_string(), sql.Identifier(schema, "mt_events_sequence").as_string()],
+            sql.SQL("SELECT max(seq_id)::bigint FROM {}").format(events).as_string(),
+            lambda past, upto: _events_query(columns, events, past, upto),
+        )
         with _sql.checker_connection() as checker:
-            for batch in _sql.stream(connection, query, batch_size):
-                yield _sql.finish(
+
+            def finish(batch: pa.Table) -> pa.Table:
+                return _sql.finish(
                     types.add_to(batch),
                     checker,
                     json_checked=columns["data"] in ("json", "jsonb"),
@@ -222,6 +241,17 @@ def read_marten(
                     params={"default": default_aggregate_type},
                     metadata_compact=True,
                 )
+
+            return (
+                yield from read_settled(
+                    connection,
+                    source,
+                    after=after,
+                    batch_size=batch_size,
+                    finish=finish,
+                    seconds=settle_seconds,
+                )
+            )
 
 
 def _columns(connection: Connection, events: sql.Identifier, schema: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ canonical: compact JSON with numbers as stored, canonical UUIDs, ids promoted fr
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from typing import Final
 
 import pyarrow as pa
@@ -27,6 +27,7 @@ from psycopg import sql
 
 from esworkbench.errors import EsWorkbenchError
 from esworkbench.sources._rows import SOURCE_SCHEMA
+from esworkbench.sources._settled import Source, Unsettled, between, read_settled
 from esworkbench.sources._sql import (
     SNAPSHOT_SOURCE_SCHEMA,
     canonical_uuid,
@@ -132,8 +133,13 @@ def read_postgres(
     columns: Mapping[str, str | None] | None = None,
     after: int = 0,
     batch_size: int = 100_000,
-) -> Iterator[pa.Table]:
+    settle_seconds: float | None = None,
+) -> Generator[pa.Table, None, Unsettled | None]:
     """Streams the events of a PostgreSQL table in the common schema, in ``id`` order.
+
+    Only settled positions are read: a gap in the ids is passed once no transaction that could
+    still fill it is running (see :mod:`esworkbench.sources._settled`), so a row whose
+    transaction commits late is read by a later call, never skipped.
 
     Args:
         dsn: a libpq URI or conninfo, for example ``postgresql://user@host:5432/db``.
@@ -145,11 +151,15 @@ def read_postgres(
             snake_case).
         after: read only rows whose position is greater (the last position already imported).
         batch_size: the most rows in one table.
+        settle_seconds: how long to wait at a gap for the transactions that may fill it
+            (default :data:`~esworkbench.sources._settled.SETTLE_SECONDS`).
 
     Returns:
         An iterator of tables in :data:`SOURCE_SCHEMA`, one row per source row. ``data`` and
         ``metadata`` are compact JSON text with numbers exactly as stored. A row that cannot be
-        an event keeps what could be read and names the field and reason in ``error``.
+        an event keeps what could be read and names the field and reason in ``error``. The
+        generator returns None, or an :class:`~esworkbench.sources._settled.Unsettled` when it
+        stopped at a gap that a running transaction may still fill.
 
     Raises:
         EsWorkbenchError: the database cannot be reached, or the table lacks a column.
@@ -182,18 +192,30 @@ def read_postgres(
             _typed(mapped["metadata"], "text"),
             *(_typed(mapped[n], "text") for n in _PROMOTED),
         ]
-        query = sql.SQL("SELECT {items} FROM {source} WHERE {p} > {after} ORDER BY {p}").format(
-            items=sql.SQL(", ").join(
-                sql.SQL("{} AS {}").format(item, sql.Identifier(name))
-                for item, name in zip(items, EVENT_COLUMNS, strict=True)
-            ),
-            source=source,
-            p=sql.Identifier(position),
-            after=sql.Literal(after),
+        selected = sql.SQL(", ").join(
+            sql.SQL("{} AS {}").format(item, sql.Identifier(name))
+            for item, name in zip(items, EVENT_COLUMNS, strict=True)
         )
+        p = sql.Identifier(position)
+
+        def rows(past: int, upto: int | None) -> str:
+            query = sql.SQL("SELECT {items} FROM {source} WHERE {where} ORDER BY {p}")
+            where = between(p, past, upto)
+            return query.format(items=selected, source=source, where=where, p=p).as_string()
+
+        highest = sql.SQL("SELECT max({p})::bigint FROM {source}").format(p=p, source=source)
+        settling = Source([source.as_string()], highest.as_string(), rows)
         with checker_connection() as checker:
-            for batch in stream(connection, query.as_string(), batch_size):
-                yield finish(batch, checker, json_checked=json_checked)
+            return (
+                yield from read_settled(
+                    connection,
+                    settling,
+                    after=after,
+                    batch_size=batch_size,
+                    finish=lambda batch: finish(batch, checker, json_checked=json_checked),
+                    seconds=settle_seconds,
+                )
+            )
 
 
 def postgres_event_at(
