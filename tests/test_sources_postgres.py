@@ -184,6 +184,18 @@ def test_large_payload(pg: psycopg.Connection[Any], name: str) -> None:
     assert len(row["data"].encode()) > 1_000_000
 
 
+def test_json_null_metadata_is_no_metadata(pg: psycopg.Connection[Any], name: str) -> None:
+    """A jsonb 'null' is not SQL NULL, but it says what a file's "metadata": null says."""
+    e = ids(2)
+    create(
+        pg,
+        name,
+        [(e[0], "E", "a", "T", 1, "{}", None, T0), (e[1], "E", "b", "T", 1, "{}", "null", T0)],
+    )
+    rows = read_all(name)
+    assert [(r["metadata"], r["error"]) for r in rows] == [(None, None), (None, None)]
+
+
 def test_bad_rows_become_error_rows(pg: psycopg.Connection[Any], name: str) -> None:
     e = ids(6)
     create(

@@ -226,7 +226,10 @@ def _json_error(field: str, column: str, *, required: bool, checked: bool) -> st
 def _finish_query(
     *, json_checked: bool, hints: Mapping[str, str], source: str, metadata_compact: bool
 ) -> str:
+    # JSON null metadata is no metadata, as a file's "metadata": null is (jsonb 'null' is not
+    # SQL NULL).
     metadata = "metadata" if metadata_compact else minify("metadata")
+    metadata = f"CASE WHEN {metadata} <> 'null' THEN {metadata} END"
     text_errors = [
         f"CASE WHEN {n} IS NULL OR {n} = '' THEN 'field ''{n}'': is missing or empty"
         f"{_quoted(hints[n]) if n in hints else ''}' END"
@@ -239,7 +242,7 @@ def _finish_query(
                  ELSE coalesce(TRY_CAST(event_id AS UUID)::VARCHAR, event_id) END AS event_id,
             {minify("data")} AS data, {metadata} AS metadata,
             {_json_error("data", "data", required=True, checked=json_checked)} AS data_error,
-            {_json_error("metadata", "metadata", required=False, checked=json_checked)}
+            {_json_error("metadata", metadata, required=False, checked=json_checked)}
                 AS metadata_error
         FROM ({source})
     ), promoted AS (
