@@ -233,6 +233,40 @@ def test_string_stream_keys(pg: psycopg.Connection[Any], schema: str) -> None:
     assert (row["aggregate_id"], row["aggregate_type"], row["error"]) == ("order/42", "Order", None)
 
 
+# Marten's conjoined tenancy: streams are keyed by tenant and id, so tenants may share stream ids.
+CONJOINED = (
+    MARTEN_DDL.replace("PRIMARY KEY (id)", "PRIMARY KEY (tenant_id, id)")
+    .replace("FOREIGN KEY (stream_id)", "FOREIGN KEY (tenant_id, stream_id)")
+    .replace("REFERENCES {s}.mt_streams (id)", "REFERENCES {s}.mt_streams (tenant_id, id)")
+    .replace("(stream_id, version)", "(tenant_id, stream_id, version)")
+)
+
+
+def test_conjoined_tenancy_keeps_the_tenants_streams_apart(
+    pg: psycopg.Connection[Any], schema: str, tmp_path: Path
+) -> None:
+    assert CONJOINED.count("tenant_id, ") == 4
+    run(pg, schema, CONJOINED, id_type="varchar")
+    run(pg, schema, STREAM, [("acc-1", "Account", 1, T0, t) for t in ("t-a", "t-b")])
+    run(pg, schema, EVENT, [
+        (k + 1, EID[k], "acc-1", 1, json.dumps({"owner": t}), "opened", T0, t, None, None, None,
+         None, False)
+        for k, t in enumerate(("t-a", "t-b"))
+    ])  # fmt: skip
+    pg.execute(
+        sql.SQL("UPDATE {}.mt_streams SET snapshot = '{{}}', snapshot_version = 1").format(
+            sql.Identifier(schema)
+        )
+    )
+    store = esw.open_store(tmp_path / "store")
+    assert esw.import_events(store, DSN, format="marten", table=schema).imported == 2
+    rows = store.sql("SELECT aggregate_id, data FROM events ORDER BY position").fetchall()
+    assert rows == [("t-a/acc-1", '{"owner":"t-a"}'), ("t-b/acc-1", '{"owner":"t-b"}')]
+    snapshots = [r["aggregate_id"] for b in read_marten_snapshots(DSN, schema=schema) for r in
+                 b.to_pylist()]  # fmt: skip
+    assert sorted(snapshots) == ["t-a/acc-1", "t-b/acc-1"]
+
+
 def test_snapshots(pg: psycopg.Connection[Any], schema: str) -> None:
     bank(pg, schema)
     pg.execute(

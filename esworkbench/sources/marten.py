@@ -9,7 +9,9 @@ newer versions add ``is_archived``) and one row per stream to ``mt_streams`` (``
 Each event becomes one row of :data:`~esworkbench.sources._rows.SOURCE_SCHEMA`:
 
 - ``source_position`` is ``seq_id``; ``event_id`` is ``id``; ``aggregate_id`` is ``stream_id``
-  (a UUID, or the string key of streams identified by strings); ``version`` is ``version``;
+  (a UUID, or the string key of streams identified by strings), and under Marten's conjoined
+  tenancy (``mt_streams`` keyed by ``tenant_id`` and ``id``, where two tenants may hold streams
+  of one id) ``<tenant_id>/<stream_id>``; ``version`` is ``version``;
   ``recorded_at`` and ``occurred_at`` are ``timestamp``.
 - ``event_type`` is ``type`` as Marten wrote it: the snake_case alias (``money_deposited``).
 - ``aggregate_type`` is the class name in ``mt_streams.type`` (``Bank.Account, Bank`` ->
@@ -157,7 +159,8 @@ def _class(stream_types: pa.Array) -> pa.Array:
 _SHAPE: Final = f"""
 SELECT source_position, event_id, event_type,
     coalesce(stream_class, $default) AS aggregate_type,
-    aggregate_id, version, recorded_at, NULL::TIMESTAMPTZ AS occurred_at,
+    CASE WHEN $conjoined THEN tenant_id || '/' || aggregate_id ELSE aggregate_id END
+        AS aggregate_id, version, recorded_at, NULL::TIMESTAMPTZ AS occurred_at,
     NULL::BIGINT AS schema_version, data,
     '{{' || concat_ws(',',
         '"tenant_id":' || to_json(tenant_id)::VARCHAR,
@@ -224,6 +227,7 @@ def read_marten(
     with _sql.connect(dsn) as connection, _sql.connect(dsn) as lookups:
         columns = _columns(connection, events, schema)
         types = _StreamTypes(lookups, streams)
+        conjoined = _conjoined(connection, streams)
         source = Source(
             [events.as_string(), sql.Identifier(schema, "mt_events_sequence").as_string()],
             sql.SQL("SELECT max(seq_id)::bigint FROM {}").format(events).as_string(),
@@ -238,7 +242,7 @@ def read_marten(
                     json_checked=columns["data"] in ("json", "jsonb"),
                     hints=hints,
                     shape=_SHAPE,
-                    params={"default": default_aggregate_type},
+                    params={"default": default_aggregate_type, "conjoined": conjoined},
                     metadata_compact=True,
                 )
 
@@ -252,6 +256,17 @@ def read_marten(
                     seconds=settle_seconds,
                 )
             )
+
+
+def _conjoined(connection: Connection, streams: sql.Identifier) -> bool:
+    """Whether streams are per tenant: Marten's conjoined tenancy keys mt_streams by
+    (tenant_id, id), so one stream id may name a stream in each tenant."""
+    query = sql.SQL(
+        "SELECT count(*) FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+        "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = {}::regclass AND i.indisprimary "
+        "AND a.attname = 'tenant_id'"
+    ).format(sql.Literal(streams.as_string()))
+    return bool(_sql.run(connection, query.as_string()).column(0)[0].as_py())
 
 
 def _columns(connection: Connection, events: sql.Identifier, schema: str) -> dict[str, str]:
@@ -305,8 +320,9 @@ def read_marten_snapshots(
                 "there from version 7 on; earlier ones keep them as documents"
             )
         tenant = sql.SQL("'tenant_id', tenant_id, " if "tenant_id" in columns else "")
+        key = "tenant_id || '/' || id::text" if _conjoined(connection, streams) else "id::text"
         query = sql.SQL(
-            """SELECT {class_name} AS aggregate_type, id::text AS aggregate_id,
+            """SELECT {class_name} AS aggregate_type, {key} AS aggregate_id,
                 snapshot_version::bigint AS version, snapshot::text AS state,
                 CASE WHEN isfinite(timestamp) THEN timestamp END AS taken_at,
                 jsonb_strip_nulls(jsonb_build_object({tenant}'stream_type', type))::text
@@ -314,6 +330,7 @@ def read_marten_snapshots(
             FROM {streams} WHERE snapshot IS NOT NULL ORDER BY id"""
         ).format(
             class_name=sql.SQL(_CLASS_NAME).format(sql.SQL("type")),
+            key=sql.SQL(key),
             tenant=tenant,
             streams=streams,
         )
