@@ -2,7 +2,8 @@
 
 The trace runs the real fold one event at a time through :class:`~esworkbench.engine.Folder`,
 times each step, and goes on past an event the fold fails on: that step records the error, and
-the state stays as it was before the failing event.
+the state stays as it was before the failing event. Upcasting runs inside the step too, so an
+upcaster that raises on one event is that step's error, not the end of the trace.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, overload
 
 from esworkbench.aggregates import Aggregate, FoldError
@@ -18,6 +19,7 @@ from esworkbench.diffs import changes, html_table, show
 from esworkbench.engine import Event, Folder, Source, decode_events
 from esworkbench.errors import EsWorkbenchError
 from esworkbench.temporal import Output, read_events
+from esworkbench.upcasting import UpcastError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -33,7 +35,9 @@ class Step:
     ``changes`` maps each changed field to (old, new); ``changed`` lists their names.
     :func:`steps` makes them.
     ``after`` is ``before`` when the fold failed on the event; ``error`` then says why
-    (``exception`` holds the :class:`~esworkbench.FoldError`, whose cause is the handler's own).
+    (``exception`` holds the :class:`~esworkbench.FoldError` or, when an upcaster raised, the
+    :class:`~esworkbench.UpcastError`; its cause is the handler's or the upcaster's own).
+    ``event`` is the event as the fold saw it, upcast; as stored when its upcaster failed.
     """
 
     event: Event
@@ -42,7 +46,7 @@ class Step:
     changes: Mapping[str, tuple[Any, Any]]
     seconds: float
     error: str | None = None
-    exception: FoldError | None = field(default=None, repr=False, compare=False)
+    exception: FoldError | UpcastError | None = field(default=None, repr=False, compare=False)
 
     @property
     def changed(self) -> tuple[str, ...]:
@@ -189,8 +193,8 @@ def steps(
     """A step trace of one stream: each event with the state before and after, for debugging.
 
     Each step has the event, the state before and after, the changed fields, the seconds the
-    fold took, and the error if it failed. The trace goes on past a failing event; the state then
-    stays as it was before that event.
+    fold took (with the event's upcasting), and the error if its handler or an upcaster raised.
+    The trace goes on past a failing event; the state then stays as it was before that event.
 
     Args:
         source: a store (or an attached lake).
@@ -225,16 +229,25 @@ def steps(
     cursor = folder.start()
     items: list[Step] = []
     before = _copy(cursor.state)  # copies: a handler changing a state in place cannot rewrite them
-    for event in decode_events(table, aggregate):
+    upcasters = aggregate.upcasters or None
+    # Decoded as stored; each event is upcast in its own step, so one that fails is one error.
+    stored = decode_events(table, replace(aggregate, upcasters=None) if upcasters else aggregate)
+    for event in stored:
         acc, last = list(cursor.acc), cursor.event
         started = time.perf_counter()
         try:
+            if upcasters is not None and upcasters.touches(event.event_type, event.schema_version):
+                event.event_type, event._schema_version, event.data = upcasters.upcast(
+                    event.event_type, event.schema_version, event.data, where=event
+                )
             folder.apply(cursor, event)
-        except FoldError as exc:
+        except (FoldError, UpcastError) as exc:
             seconds = time.perf_counter() - started
             cursor.state, cursor.acc, cursor.event = _copy(before), acc, last
             cause = exc.__cause__
             error = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+            if isinstance(exc, UpcastError):
+                error = f"UpcastError: {error}"
             items.append(Step(event, before, before, {}, seconds, error, exc))
             continue
         seconds = time.perf_counter() - started

@@ -163,3 +163,42 @@ def test_frame_and_display(tmp_path: Path) -> None:
     html = trace._repr_html_()
     assert html.count("<tr>") == 6
     assert "TypeError" in html
+
+
+def test_goes_on_past_a_failing_upcaster(tmp_path: Path) -> None:
+    store = esw.open_store(tmp_path)
+    store.append(
+        "acc-1",
+        [
+            esw.NewEvent("Deposited", {"amt": 1}),
+            esw.NewEvent("Deposited", {"wrong": 2}),  # the upcaster raises on this one
+            esw.NewEvent("Deposited", {"amt": 3}),
+        ],
+        aggregate_type="Account",
+        expected_version=0,
+    )
+    upcasters = esw.Upcasters()
+    upcasters.add("Deposited", 1, lambda data: ("MoneyDeposited", {"amount": data["amt"]}))
+    fold = esw.Aggregate(
+        "Account",
+        initial={"balance": 0},
+        on={"MoneyDeposited": lambda s, e: {"balance": s["balance"] + e.data["amount"]}},
+        upcasters=upcasters,
+    )
+    trace = esw.steps(store, fold, "acc-1")
+    assert [s.version for s in trace] == [1, 2, 3]
+    failed = trace[1]
+    assert trace.failed == [failed]
+    assert failed.error == "UpcastError: KeyError: 'amt'"
+    assert isinstance(failed.exception, esw.UpcastError)
+    assert "version=2" in str(failed.exception)
+    # Like a raising handler: the state stays as it was, and the event is shown as stored.
+    assert failed.before == failed.after == {"balance": 1}
+    assert failed.changes == {}
+    assert (failed.event_type, failed.event.schema_version) == ("Deposited", 1)
+    assert (trace[2].event_type, trace[2].event.schema_version) == ("MoneyDeposited", 2)
+    assert trace[2].changes == {"balance": (1, 4)}
+    assert trace.state == {"balance": 4}
+    assert "v2 Deposited  ERROR UpcastError: KeyError" in str(trace)
+    with pytest.raises(esw.UpcastError):  # replay itself still stops there
+        esw.replay(store, fold, "acc-1")
