@@ -140,7 +140,11 @@ def _print_state(aggregate_id: str, kind: str, version: int, state: Any) -> None
 @click.option("--aggregate", "aggregate_id", required=True, help="the stream (aggregate_id)")
 @click.option("--version", "version", type=click.IntRange(min=0), help="fold up to this version")
 @click.option("--at", "at", help="fold the events recorded by this instant (ISO, with a zone)")
-@click.option("--compare", help="also fold at this instant and print what changed")
+@click.option(
+    "--compare",
+    metavar="T2",
+    help="print what changed from the state at the end (or --version/--at) to instant T2",
+)
 @click.option("--fold", help="module:name or file.py:name of an esw.Aggregate (default: generic)")
 @click.option("--steps", "show_steps", is_flag=True, help="print every event's step")
 @click.option("--pause", is_flag=True, help="with --steps: wait for Enter between steps")
@@ -185,10 +189,15 @@ def replay_command(
         if show_steps:
             _print_steps(source, fold_, aggregate_id, version, at, pause=pause, as_json=as_json)
             return
+        folded = read_events(source, fold_, aggregate_id, version=version, at=at)
+        reached = int(folded["version"][-1].as_py()) if folded.num_rows else 0
         if compare is not None:
             from esworkbench.diffs import diff
 
-            before: int | str = at if at is not None else (version if version is not None else 0)
+            # The point compared is the one the state would be printed at: by default the end.
+            before: int | str = (
+                at if at is not None else (version if version is not None else reached)
+            )
             change = diff(source, fold_, aggregate_id, before=before, after=compare)
             if as_json:
                 click.echo(
@@ -197,9 +206,7 @@ def replay_command(
             else:
                 click.echo(str(change))
             return
-        folded = read_events(source, fold_, aggregate_id, version=version, at=at)
         state = replay(source, fold_, aggregate_id, version=version, at=at)
-        reached = int(folded["version"][-1].as_py()) if folded.num_rows else 0
         if as_json:
             click.echo(
                 _json(
@@ -246,13 +253,27 @@ def _print_steps(
             )
             continue
         click.echo(
-            f"v{step.event.version} {step.event.event_type}"
+            f"v{step.event.version} {step.event.event_type}  ({_duration(step.seconds)})"
             + (f"  ERROR {step.error}" if step.error else "")
         )
         for name, (old, new) in step.changes.items():
             click.echo(f"    {name}: {_show(old)} → {_show(new)}")
         if interactive:
             click.prompt("", default="", show_default=False, prompt_suffix="(Enter) ")
+
+
+def _duration(seconds: float) -> str:
+    """A step's time, short: microseconds below a millisecond, then milliseconds, then seconds.
+
+    Examples:
+        >>> _duration(0.0000123), _duration(0.0042), _duration(2.5)
+        ('12 µs', '4.2 ms', '2.50 s')
+    """
+    if seconds < 999.5e-6:  # below what rounds to 1000 µs
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 0.99995:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds:.2f} s"
 
 
 @click.command("asof")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import textwrap
 import uuid
 from collections.abc import Iterator
@@ -102,15 +103,46 @@ def test_replay_with_a_fold_from_a_file_and_a_comparison(store: Path, fold: str)
     assert json.loads(compare.stdout) == {"owner": {"before": None, "after": "Bo"}}
 
 
+def test_compare_starts_from_the_end_unless_told_otherwise(store: Path) -> None:
+    # Without --version or --at the point compared is the stream's end, as replay prints it.
+    head = run("replay", str(store), "--aggregate", "acc-1", "--compare", "2024-03-01T14:03:00Z")
+    assert head.exit_code == 0, head.output
+    assert head.stdout.splitlines() == [
+        "acc-1: version 3 → 2024-03-01T14:03:00+00:00 (version 2)",
+        "  amount: 0.20 → 100.10",
+    ]
+    version = run(
+        "replay", str(store), "--aggregate", "acc-1", "--version", "1",
+        "--compare", "2024-03-02T08:00:00Z", "--json",
+    )  # fmt: skip
+    assert json.loads(version.stdout) == {"amount": {"before": None, "after": 0.20}}
+    empty = run(
+        "replay", str(store), "--aggregate", "acc-1", "--version", "0",
+        "--compare", "2024-03-01T09:00:00Z",
+    )  # fmt: skip
+    assert empty.stdout.splitlines()[0] == (
+        "acc-1: version 0 → 2024-03-01T09:00:00+00:00 (version 1)"
+    )
+    instant = run(
+        "replay", str(store), "--aggregate", "acc-1", "--at", "2024-03-01T14:03:00Z",
+        "--compare", "2024-03-02T08:00:00Z",
+    )  # fmt: skip
+    assert instant.stdout.splitlines() == [
+        "acc-1: 2024-03-01T14:03:00+00:00 (version 2) → 2024-03-02T08:00:00+00:00 (version 3)",
+        "  amount: 100.10 → 0.20",
+    ]
+
+
 def test_steps_go_on_past_a_failing_event(store: Path, fold: str) -> None:
     result = run("replay", str(store), "--aggregate", "acc-1", "--fold", fold, "--steps")
     assert result.exit_code == 0, result.output
+    # Each step's time shows in the text too: "(12 µs)", "(1.5 ms)" or "(2.00 s)".
+    took = r"\((\d+ µs|\d+\.\d ms|\d+\.\d\d s)\)"
     lines = result.stdout.splitlines()
-    assert lines[0] == "v1 AccountOpened"
-    assert lines[1] == "v2 MoneyDeposited"
+    assert re.fullmatch(rf"v1 AccountOpened  {took}", lines[0]), lines[0]
+    assert re.fullmatch(rf"v2 MoneyDeposited  {took}", lines[1]), lines[1]
     assert lines[2] == "    balance: 0 → 100.10"
-    assert lines[3].startswith("v3 MoneyWithdrawn  ERROR ")
-    assert "too small to withdraw" in lines[3]
+    assert re.fullmatch(rf"v3 MoneyWithdrawn  {took}  ERROR .*too small to withdraw", lines[3])
     as_json = run("replay", str(store), "--aggregate", "acc-1", "--fold", fold, "--steps", "--json")
     steps = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert [s["version"] for s in steps] == [1, 2, 3]
