@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from numbers import Integral
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import duckdb
@@ -187,9 +188,9 @@ def _at_point(
     source: Source, aggregate: Aggregate, aggregate_id: str, point: object, name: str
 ) -> tuple[int | datetime, int, Any]:
     """The point as asked, the version it reaches and the state there."""
-    if isinstance(point, int) and not isinstance(point, bool):
-        table = read_events(source, aggregate, aggregate_id, version=point)
-        asked: int | datetime = point
+    if isinstance(point, Integral) and not isinstance(point, bool):  # numpy integers too
+        asked: int | datetime = int(point)
+        table = read_events(source, aggregate, aggregate_id, version=int(point))
     elif isinstance(point, datetime | str):
         asked = cast(datetime, instant(point, name))  # not None: point is not None
         table = read_events(source, aggregate, aggregate_id, at=asked)
@@ -212,7 +213,8 @@ def diff(
         source: a store (or an attached lake).
         aggregate: the fold.
         aggregate_id: the stream.
-        before: a version (int), or an instant (datetime or ISO text): the events recorded by it.
+        before: a version (an integer, numpy's too), or an instant (datetime or ISO text):
+            the events recorded by it.
         after: the other point, in the same forms.
 
     Raises:

@@ -68,11 +68,13 @@ def instant(value: object, name: str) -> datetime | None:
 
 
 def _version(value: object) -> int | None:
+    from numbers import Integral  # numpy integers are Integral, not int
+
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
         raise EsWorkbenchError(f"version={value!r} must be a non-negative integer")
-    return value
+    return int(value)
 
 
 def read_events(

@@ -7,6 +7,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import polars as pl
 import pytest
@@ -160,7 +161,25 @@ def test_diff_html_escapes(tmp_path: Path) -> None:
     assert "<th>field</th>" in html
 
 
-@pytest.mark.parametrize("point", [True, 1.5, None, [1]])
+def test_versions_may_be_numpy_integers(tmp_path: Path) -> None:
+    # Versions often come out of a frame (timeline, as_of) as numpy integers.
+    store = bank(tmp_path)
+    change = esw.diff(store, ACCOUNT, "acc-1", before=np.int64(1), after=np.int32(4))  # type: ignore[arg-type]
+    assert change == esw.diff(store, ACCOUNT, "acc-1", before=1, after=4)
+    assert type(change.before) is int
+    version = esw.timeline(store, ACCOUNT, "acc-1")["version"].iloc[1]
+    assert isinstance(version, np.integer)
+    assert esw.diff(store, ACCOUNT, "acc-1", before=0, after=version).after == 2
+    blamed = esw.blame(store, ACCOUNT, "acc-1", version=version)
+    assert blamed.equals(esw.blame(store, ACCOUNT, "acc-1", version=2))
+    assert esw.replay(store, ACCOUNT, "acc-1", version=version) == esw.replay(
+        store, ACCOUNT, "acc-1", version=2
+    )
+    with pytest.raises(esw.EsWorkbenchError, match="non-negative integer"):
+        esw.replay(store, ACCOUNT, "acc-1", version=np.int64(-1))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("point", [True, np.bool_(True), 1.5, np.float64(1.0), None, [1]])
 def test_diff_refuses_odd_points(tmp_path: Path, point: object) -> None:
     store = bank(tmp_path)
     with pytest.raises(esw.EsWorkbenchError, match="neither a version nor an instant") as info:

@@ -7,6 +7,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import polars as pl
 import pytest
@@ -202,3 +203,9 @@ def test_goes_on_past_a_failing_upcaster(tmp_path: Path) -> None:
     assert "v2 Deposited  ERROR UpcastError: KeyError" in str(trace)
     with pytest.raises(esw.UpcastError):  # replay itself still stops there
         esw.replay(store, fold, "acc-1")
+
+
+def test_takes_a_numpy_integer_version(tmp_path: Path) -> None:
+    store = history(tmp_path)
+    trace = esw.steps(store, ACCOUNT, "acc-1", version=np.int64(2))  # type: ignore[arg-type]
+    assert [s.version for s in trace] == [1, 2]
