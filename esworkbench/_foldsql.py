@@ -18,11 +18,53 @@ import pyarrow.compute as pc
 
 from esworkbench.aggregates import Aggregate, Piece
 from esworkbench.engine import _EXACT, _PLAIN, EPOCH, _decode_column
+from esworkbench.errors import EsWorkbenchError
 from esworkbench.events import dumps_json
 
-__all__ = ["compile_as_of", "compile_timeline", "present_columns"]
+__all__ = ["InexactError", "compile_as_of", "compile_timeline", "exact", "present_columns"]
 
 _NUMBER: Final = "('BIGINT', 'UBIGINT', 'DOUBLE')"
+
+
+class InexactError(EsWorkbenchError):
+    """SQL cannot sum or compare a field's numbers exactly (beyond ``DECIMAL(38, 18)``): the
+    Python engine answers instead, or, asked for SQL alone, this is the error."""
+
+
+def _inexact(aggregate: Aggregate, slots: dict[str, int]) -> str:
+    """SQL, true for an event carrying a number that the sums, minima and maxima would take
+    inexactly: beyond ``DECIMAL(38, 18)`` (more than 20 integer digits, which the cast turns into
+    NULL, or more than 18 decimals, which it rounds)."""
+    numeric = ("sum", "min", "max")
+    fields = {p.field for p in aggregate.fields.values() if p.kind in numeric and p.field}
+    tests = [
+        f"(json_type(v[{slots[f]}]) IN {_NUMBER} AND coalesce(TRY_CAST(v[{slots[f]}]::VARCHAR "
+        f"AS DECIMAL(38, 18))::DOUBLE <> TRY_CAST(v[{slots[f]}] AS DOUBLE), true))"
+        for f in sorted(fields, key=slots.__getitem__)
+    ]
+    return " OR ".join(tests) or "false"
+
+
+def exact(table: pa.Table, aggregate: Aggregate) -> pa.Table:
+    """The result of :func:`compile_as_of` or :func:`compile_timeline` without its last column,
+    ``_inexact``.
+
+    Raises:
+        InexactError: some number was beyond what SQL sums and compares exactly.
+
+    Examples:
+        >>> import pyarrow as pa, esworkbench as esw
+        >>> fold = esw.Aggregate("A", fields={"n": esw.count()})
+        >>> exact(pa.table({"n": [1], "_inexact": [False]}), fold).column_names
+        ['n']
+    """
+    if pc.any(table.column("_inexact")).as_py():
+        raise InexactError(
+            f"aggregate {aggregate.name!r} sums or compares numbers beyond DECIMAL(38, 18) (more "
+            "than 20 integer digits or 18 decimals), which SQL cannot do exactly. Hint: use "
+            "engine='python' (engine='auto' does so on its own)"
+        )
+    return table.drop_columns(["_inexact"])
 
 
 def json_path(field: str) -> str:
@@ -96,7 +138,8 @@ def compile_as_of(
 ) -> tuple[str, list[Any]]:
     """The query for every stream of a declared aggregate whose events pass ``where``.
 
-    Columns: aggregate_id, version, last_event_at, then one (two for sums) per declared field.
+    Columns: aggregate_id, version, last_event_at, then one (two for sums) per declared field,
+    then ``_inexact`` (see :func:`exact`).
     ``source`` is the relation the events come from: the ``events`` view, or a SELECT over it
     (the view with upcasters applied, :meth:`~esworkbench.Upcasters.events_sql`). Each event's
     data is parsed once: every field the fold reads comes out of one ``json_extract``.
@@ -114,7 +157,8 @@ def compile_as_of(
     relation = "events" if source == "events" else f"({source}) AS events"
     query = (
         "SELECT aggregate_id, max(version) AS version, arg_max(recorded_at, version) AS "
-        f"last_event_at, {', '.join(columns)} FROM (SELECT aggregate_id, version, event_type, "
+        f"last_event_at, {', '.join(columns)}, bool_or({_inexact(aggregate, slots)}) AS _inexact "
+        "FROM (SELECT aggregate_id, version, event_type, "
         "recorded_at, occurred_at, json_extract(data, ?::VARCHAR[]) AS v "
         f"FROM {relation} WHERE aggregate_type = ? AND ({where})) "
         "GROUP BY aggregate_id ORDER BY aggregate_id"
@@ -168,7 +212,8 @@ def compile_timeline(
 
     Columns: aggregate_id, version, recorded_at, then the declared fields exactly as
     :func:`compile_as_of` lays them out (so :func:`present_columns` reads either), then
-    event_type, event_id, user_id, correlation_id and valid_to (the next event's recorded_at).
+    event_type, event_id, user_id, correlation_id, valid_to (the next event's recorded_at) and
+    ``_inexact`` (see :func:`exact`).
     Each field is a running aggregate over the stream's events up to and including the row.
     ``source`` is the relation the events come from, as for :func:`compile_as_of`; each event's
     data is parsed once.
@@ -187,7 +232,8 @@ def compile_timeline(
     relation = "events" if source == "events" else f"({source}) AS events"
     query = (
         f"SELECT aggregate_id, version, recorded_at, {', '.join(columns)}, event_type, event_id, "
-        "user_id, correlation_id, lead(recorded_at) OVER stream AS valid_to "
+        "user_id, correlation_id, lead(recorded_at) OVER stream AS valid_to, "
+        f"{_inexact(aggregate, slots)} AS _inexact "
         "FROM (SELECT aggregate_id, version, event_type, recorded_at, occurred_at, event_id, "
         "user_id, correlation_id, json_extract(data, ?::VARCHAR[]) AS v "
         f"FROM {relation} WHERE aggregate_type = ? AND ({where})) "

@@ -19,13 +19,12 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import duckdb
 import pyarrow as pa
 
-from esworkbench._foldsql import compile_as_of
 from esworkbench.aggregates import Aggregate
 from esworkbench.engine import Folder, Row, Source, decode_events, fold_events
 from esworkbench.errors import EsWorkbenchError
 from esworkbench.parallel import fold_columns
 from esworkbench.query import translate
-from esworkbench.temporal import Output, _sql_rows, compiles, instant, read_events
+from esworkbench.temporal import Output, _sql_rows, compiles, instant, read_events, sql_as_of
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -302,11 +301,11 @@ class PopulationDiff:
 
 
 def _rows(source: Source, aggregate: Aggregate, where: str, params: list[Any]) -> list[Row]:
-    if compiles(aggregate):
-        upcasters = aggregate.upcasters
-        relation = upcasters.events_sql() if upcasters else "events"
-        query, args = compile_as_of(aggregate, where, params, relation)
-        return _sql_rows(aggregate, fetch(source, query, args))
+    table = (
+        sql_as_of(source, aggregate, where, params, fallback=True) if compiles(aggregate) else None
+    )
+    if table is not None:
+        return _sql_rows(aggregate, table)
     return fold_columns(source, aggregate, where, params).rows()
 
 

@@ -259,6 +259,25 @@ def decode_events(batch: pa.RecordBatch | pa.Table, aggregate: Aggregate) -> lis
 # -- folding -----------------------------------------------------------------------------------
 
 
+def unknown_type(
+    aggregate: Aggregate, event_type: str, aggregate_id: str, version: int
+) -> FoldError:
+    """The error of a fold with ``unknown="error"`` meeting an event type it does not take.
+
+    Examples:
+        >>> import esworkbench as esw
+        >>> print(unknown_type(esw.Aggregate("A", on={}), "Closed", "a-1", 3))
+        aggregate 'A' has no handler for event type 'Closed' (stream 'a-1', version 3). Hint: \
+add a handler, or pass unknown='ignore'
+    """
+    return FoldError(
+        f"aggregate {aggregate.name!r} has no handler for event type {event_type!r} (stream "
+        f"{aggregate_id!r}, version {version}). Hint: add a handler, or pass unknown='ignore'",
+        aggregate_id=aggregate_id,
+        version=version,
+    )
+
+
 class Cursor:
     """The running state of one stream: the state a handler sees and the declared accumulators."""
 
@@ -297,13 +316,7 @@ class Folder:
         """Folds one event into the cursor; raises FoldError when the fold fails."""
         aggregate = self.aggregate
         if self.strict and not aggregate.handles(event.event_type):
-            raise FoldError(
-                f"aggregate {aggregate.name!r} has no handler for event type "
-                f"{event.event_type!r} (stream {event.aggregate_id!r}, version {event.version}). "
-                "Hint: add a handler, or pass unknown='ignore'",
-                aggregate_id=event.aggregate_id,
-                version=event.version,
-            )
+            raise unknown_type(aggregate, event.event_type, event.aggregate_id, event.version)
         if self.pieces:
             self._declared(cursor, event)
         handler = self.on.get(event.event_type)

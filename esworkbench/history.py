@@ -32,7 +32,7 @@ from esworkbench.engine import (
 )
 from esworkbench.errors import EsWorkbenchError
 from esworkbench.events import TIMESTAMP
-from esworkbench.temporal import Output, compiles, instant, read_events
+from esworkbench.temporal import Output, compiles, instant, read_events, refuse_unknown
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -110,11 +110,16 @@ def fold_rows(folder: Folder, batch: pa.Table | pa.RecordBatch, rows: Rows) -> N
         rows.valid_to.append(None)
 
 
-def _sql_rows(source: Source, aggregate: Aggregate, where: str, params: list[Any]) -> Rows:
+def _sql_rows(source: Source, aggregate: Aggregate, where: str, params: list[Any]) -> Rows | None:
+    """The timeline of every stream from one SQL query (None: SQL cannot answer it exactly)."""
+    refuse_unknown(source, aggregate, where, params)
     upcasters = aggregate.upcasters
     relation = upcasters.events_sql() if upcasters else "events"
     query, args = _foldsql.compile_timeline(aggregate, where, params, relation)
-    table = fetch(source, query, args)
+    try:
+        table = _foldsql.exact(fetch(source, query, args), aggregate)
+    except _foldsql.InexactError:
+        return None
     fields = _foldsql.present_columns(aggregate, table)
     size = table.num_rows
     start = aggregate.start()  # a dict with every declared field, maybe more (initial's keys)
@@ -226,8 +231,8 @@ def timeline(
         fold_rows(Folder(aggregate), table, rows)
     else:
         where, params = ("recorded_at <= ?", [bound]) if bound is not None else ("true", [])
-        engine = _sql_rows if compiles(aggregate) else _python_rows
-        rows = engine(source, aggregate, where, params)
+        found = _sql_rows(source, aggregate, where, params) if compiles(aggregate) else None
+        rows = found if found is not None else _python_rows(source, aggregate, where, params)
     return frame(rows, aggregate.start(), output)
 
 

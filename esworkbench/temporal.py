@@ -25,6 +25,7 @@ from esworkbench.engine import (
     Source,
     decode_events,
     fold_events,
+    unknown_type,
 )
 from esworkbench.errors import EsWorkbenchError, UnknownStreamError
 from esworkbench.events import TIMESTAMP
@@ -232,14 +233,10 @@ def as_of(
             f"aggregate {aggregate.name!r} is not fully declared, so SQL cannot answer it. "
             "Hint: use engine='python', or declare every field with esw.last, esw.sum, ..."
         )
+    table = None
     if engine != "python" and compiles(aggregate):
-        upcasters = aggregate.upcasters
-        relation = upcasters.events_sql() if upcasters else "events"
-        query, args = _foldsql.compile_as_of(aggregate, where, params, relation)
-        try:
-            table = source.sql(query, args).to_arrow_table()
-        except duckdb.Error as exc:  # a relation runs lazily: its errors come here
-            raise translate(exc, query) from exc
+        table = sql_as_of(source, aggregate, where, params, fallback=engine == "auto")
+    if table is not None:
         fields = _foldsql.present_columns(aggregate, table, arrow_instants=True)
         constant = {k: [v] * table.num_rows for k, v in aggregate.start().items()}
         return _frame(
@@ -252,6 +249,71 @@ def as_of(
     with paused_gc():
         folded = fold_columns(source, aggregate, until=bound, workers=workers, progress=progress)
         return _folded_frame(folded, output, aggregate.start())
+
+
+def sql_as_of(
+    source: Source, aggregate: Aggregate, where: str, params: list[Any], *, fallback: bool
+) -> pa.Table | None:
+    """Every stream of a declared fold from one SQL query (see
+    :func:`~esworkbench._foldsql.compile_as_of`), or None when SQL cannot answer it exactly and
+    ``fallback`` leaves it to the Python engine.
+
+    Raises:
+        FoldError: the fold refuses unknown event types and meets one, as the Python engine would.
+        InexactError: SQL cannot answer exactly, and ``fallback`` is False.
+
+    Examples:
+        >>> import tempfile, esworkbench as esw
+        >>> store = esw.open_store(tempfile.mkdtemp())
+        >>> _ = store.append("a", [esw.NewEvent("Paid", {"amount": 10**25})], aggregate_type="A")
+        >>> fold = esw.Aggregate("A", fields={"paid": esw.sum("amount")})
+        >>> sql_as_of(store, fold, "true", [], fallback=True) is None
+        True
+    """
+    refuse_unknown(source, aggregate, where, params)
+    upcasters = aggregate.upcasters
+    relation = upcasters.events_sql() if upcasters else "events"
+    query, args = _foldsql.compile_as_of(aggregate, where, params, relation)
+    try:
+        table = source.sql(query, args).to_arrow_table()
+    except duckdb.Error as exc:  # a relation runs lazily: its errors come here
+        raise translate(exc, query) from exc
+    try:
+        return _foldsql.exact(table, aggregate)
+    except _foldsql.InexactError:
+        if fallback:
+            return None
+        raise
+
+
+def refuse_unknown(source: Source, aggregate: Aggregate, where: str, params: list[Any]) -> None:
+    """For a fold with ``unknown="error"`` answered in SQL: raises the FoldError the Python
+    engine would raise, at the first event (by stream, then version) of a type it does not take.
+
+    Examples:
+        >>> import tempfile, esworkbench as esw
+        >>> store = esw.open_store(tempfile.mkdtemp())
+        >>> _ = store.append("a", [esw.NewEvent("Closed", {})], aggregate_type="A")
+        >>> fold = esw.Aggregate("A", fields={"n": esw.count(types="Paid")}, unknown="error")
+        >>> refuse_unknown(store, fold, "true", [])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        esworkbench.aggregates.FoldError: aggregate 'A' has no handler for event type 'Closed' ...
+    """
+    if aggregate.unknown != "error":
+        return
+    scope = f"FROM events WHERE aggregate_type = ? AND ({where})"
+    types = source.sql(f"SELECT DISTINCT event_type {scope}", [aggregate.name, *params])
+    unknown = sorted(t for (t,) in types.fetchall() if not aggregate.handles(t))
+    if not unknown:
+        return
+    marks = ", ".join("?" * len(unknown))
+    first = source.sql(
+        f"SELECT aggregate_id, version, event_type {scope} AND event_type IN ({marks}) "
+        "ORDER BY aggregate_id, version LIMIT 1",
+        [aggregate.name, *params, *unknown],
+    ).fetchall()
+    raise unknown_type(aggregate, first[0][2], first[0][0], first[0][1])
 
 
 def compiles(aggregate: Aggregate) -> bool:

@@ -530,3 +530,64 @@ def test_every_stream_comes_out_whole_however_the_ids_are_cut(tmp_path: Path, wo
     assert cuts[0][0] is None
     assert cuts[-1][1] is None
     assert sum(size for _, _, size in cuts) == 6 * 17
+
+
+def test_numbers_beyond_sql_decimals_are_folded_exactly(tmp_path: Path) -> None:
+    """SQL sums and compares DECIMAL(38, 18): past it (a 26-digit amount, 21 decimals) the
+    declared fold is answered by the Python engine, never by a sum that skipped a value."""
+    store = esw.open_store(tmp_path / "s")
+    amounts = {
+        "c": [10**25, 1],
+        "n": [5, -(10**21)],
+        "m": [Decimal("1E-21"), Decimal("2E-21")],
+    }
+    for stream, values in amounts.items():
+        events = [esw.NewEvent("MoneyDeposited", {"amount": x}) for x in values]
+        store.append(stream, events, aggregate_type="Account")
+    fold = esw.Aggregate(
+        "Account",
+        fields={"s": esw.sum("amount"), "hi": esw.max("amount"), "lo": esw.min("amount")},
+        decimals=True,
+    )
+    auto = esw.as_of(store, fold).set_index("aggregate_id")
+    python = esw.as_of(store, fold, engine="python").set_index("aggregate_id")
+    assert auto.to_dict() == python.to_dict()
+    assert auto.loc["c", "s"] == 10**25 + 1
+    assert (auto.loc["n", "hi"], auto.loc["n", "lo"]) == (5, -(10**21))
+    assert auto.loc["m", "s"] == Decimal("3E-21")
+    with pytest.raises(esw.EsWorkbenchError, match=r"beyond DECIMAL\(38, 18\).*engine='python'"):
+        esw.as_of(store, fold, engine="sql")
+    timeline = esw.timeline(store, fold)
+    assert timeline.groupby("aggregate_id")["s"].last().to_dict() == auto["s"].to_dict()
+    changed = esw.population_diff(
+        store, fold, before="2000-01-01T00:00:00Z", after=datetime.now(UTC)
+    )
+    assert changed.appeared == 3
+    # Within DECIMAL(38, 18) SQL answers exactly: 20 integer digits and 18 decimals.
+    within = [Decimal("12345678901234567890"), Decimal("0.000000000000000001")]
+    events = [esw.NewEvent("MoneyDeposited", {"amount": x}) for x in within]
+    other = esw.open_store(tmp_path / "within")
+    other.append("w", events, aggregate_type="Account")
+    total = Decimal("12345678901234567890.000000000000000001")  # 38 digits: not sum()'s 28
+    assert esw.as_of(other, fold, engine="sql")["s"].tolist() == [total]
+
+
+def test_a_strict_declared_fold_refuses_unknown_types_in_sql_too(tmp_path: Path) -> None:
+    store = esw.open_store(tmp_path / "s")
+    store.append("b", [esw.NewEvent("MoneyDeposited", {"amount": 1})], aggregate_type="Account")
+    store.append("a", [esw.NewEvent("MoneyDeposited", {"amount": 1}),
+                       esw.NewEvent("AccountClosed", {})], aggregate_type="Account")  # fmt: skip
+    strict = esw.Aggregate(
+        "Account", fields={"paid": esw.sum("amount", types="MoneyDeposited")}, unknown="error"
+    )
+    message = r"no handler for event type 'AccountClosed' \(stream 'a', version 2\)"
+    for engine in ("auto", "sql", "python"):
+        with pytest.raises(esw.FoldError, match=message):
+            esw.as_of(store, strict, engine=engine)  # type: ignore[arg-type]
+    with pytest.raises(esw.FoldError, match=message):
+        esw.timeline(store, strict)
+    before = datetime(2000, 1, 1, tzinfo=UTC)
+    with pytest.raises(esw.FoldError, match=message):
+        esw.population_diff(store, strict, before=before, after=datetime.now(UTC))
+    lenient = esw.Aggregate("Account", fields={"paid": esw.sum("amount", types="MoneyDeposited")})
+    assert esw.as_of(store, lenient)["paid"].tolist() == [1, 1]
