@@ -343,9 +343,10 @@ class Aggregate:
 def _code_identity(function: Callable[..., Any]) -> str:
     """What a handler does, as text that is the same in every process.
 
-    Its bytecode and constants, its defaults and closure, and, followed by name, the functions
-    it calls (a helper's change changes the identity too). Objects whose repr is an address are
-    known by their type only, so the text does not change between processes.
+    Its bytecode and constants, its defaults and closure, and, followed by name, the globals it
+    reads: the functions it calls (a helper's change changes the identity too), the values
+    (a notebook's ``rate = 2``) and the attributes it names of modules. Objects whose repr is an
+    address are known by their type only, so the text does not change between processes.
     """
     return repr(_identity(function, set()))
 
@@ -353,22 +354,25 @@ def _code_identity(function: Callable[..., Any]) -> str:
 def _identity(value: object, seen: set[int]) -> object:
     if id(value) in seen:
         return "<recursion>"
-    if isinstance(value, types.MethodType):  # the class form: the method and its class's others
+    if isinstance(value, types.MethodType):  # the class form: its class's methods and values
         owner = type(value.__self__)
         seen.add(id(value))
-        methods = sorted(
+        members = sorted(
             (name, _identity(member, seen))
             for name, member in vars(owner).items()
-            if isinstance(member, types.FunctionType)
+            if not name.startswith("__")
         )
-        return ("method", owner.__qualname__, methods)
+        instance = sorted(
+            (k, _identity(v, seen)) for k, v in getattr(value.__self__, "__dict__", {}).items()
+        )
+        return ("method", owner.__qualname__, members, instance)
     if isinstance(value, types.FunctionType):
         seen.add(id(value))
         code = value.__code__
+        names = _names(code)
+        known = value.__globals__
         called = sorted(
-            (name, _identity(value.__globals__[name], seen))
-            for name in _names(code)
-            if isinstance(value.__globals__.get(name), types.FunctionType | type)
+            (name, _global(known[name], names, seen)) for name in names if name in known
         )
         closure = [_identity(cell.cell_contents, seen) for cell in value.__closure__ or ()]
         defaults = [_identity(d, seen) for d in value.__defaults__ or ()]
@@ -377,6 +381,20 @@ def _identity(value: object, seen: set[int]) -> object:
         return ("class", value.__module__, value.__qualname__)
     text = repr(value)
     return type(value).__qualname__ if " at 0x" in text else text
+
+
+def _global(value: object, names: set[str], seen: set[int]) -> object:
+    """A global a handler reads: a function or class as :func:`_identity` knows it, a module by
+    the attributes the handler names (``fees.rate``), any other value by its repr (a notebook
+    cell's ``rate = 2`` is a global: changing it changes the fold)."""
+    if isinstance(value, types.ModuleType):
+        attributes = sorted(n for n in names if n in vars(value))
+        return (
+            "module",
+            value.__name__,
+            [(n, _identity(vars(value)[n], seen)) for n in attributes],
+        )
+    return _identity(value, seen)
 
 
 def _names(code: types.CodeType) -> set[str]:

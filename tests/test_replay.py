@@ -482,6 +482,33 @@ def test_a_folds_identity_is_stable_and_follows_the_helpers_it_calls(tmp_path: P
     assert _identity_in_a_new_process(path) != first
 
 
+def _fold_reading(rate: object, fee: object) -> Aggregate:
+    """A fold whose handler reads a global value and a module attribute, as a notebook's does."""
+    import types
+
+    fees = types.ModuleType("fees")
+    fees.fee = fee  # type: ignore[attr-defined]
+    scope: dict[str, Any] = {"rate": rate, "fees": fees}
+    exec(
+        "def deposit(state, event):\n    return state + event.data['amount'] * rate - fees.fee\n",
+        scope,
+    )
+    return esw.Aggregate("Account", initial=0, on={"MoneyDeposited": scope["deposit"]})
+
+
+def test_a_folds_identity_follows_the_globals_it_reads(tmp_path: Path) -> None:
+    """A snapshot is keyed by the fold: a changed global value (a notebook's ``rate = 2``) or
+    module attribute is a changed fold, so a replay never starts from the old fold's state."""
+    assert _fold_reading(2, 1).identity == _fold_reading(2, 1).identity
+    assert _fold_reading(3, 1).identity != _fold_reading(2, 1).identity
+    assert _fold_reading(2, 5).identity != _fold_reading(2, 1).identity
+    store = esw.open_store(tmp_path / "s")
+    deposits = [esw.NewEvent("MoneyDeposited", {"amount": 1})] * 4
+    store.append("a", deposits, aggregate_type="Account")
+    esw.snapshot(store, _fold_reading(2, 0), "a")
+    assert esw.replay(store, _fold_reading(3, 0), "a", snapshots=True) == 12
+
+
 def test_a_handler_that_raises_in_a_worker_process_names_the_event(tmp_path: Path) -> None:
     store = esw.open_store(tmp_path / "s")
     store.append_batch(
