@@ -32,7 +32,15 @@ from esworkbench.engine import (
 )
 from esworkbench.errors import EsWorkbenchError
 from esworkbench.events import TIMESTAMP
-from esworkbench.temporal import Output, compiles, instant, read_events, refuse_unknown
+from esworkbench.temporal import (
+    Output,
+    compiles,
+    instant,
+    polars_column,
+    read_events,
+    refuse_unknown,
+    unclash,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -250,13 +258,7 @@ def _fields(rows: Rows, initial: Any) -> dict[str, list[Any]]:
         for state in states:
             names.update(dict.fromkeys(state))
         fields = {n: [s.get(n) for s in states] for n in names}
-    clash = [n for n in fields if n in _FIXED]
-    if clash:
-        raise EsWorkbenchError(
-            f"state field {clash[0]!r} clashes with a column of the timeline. "
-            "Hint: rename the field in the fold"
-        )
-    return fields
+    return unclash(fields, _FIXED)
 
 
 def _instants(values: Iterable[int | None]) -> pa.Array:
@@ -291,7 +293,7 @@ def frame(rows: Rows, initial: Any, output: Output) -> pd.DataFrame | pl.DataFra
         data: dict[str, Any] = {
             "aggregate_id": pl.Series("aggregate_id", rows.aggregate_id, pl.String),
             "version": pl.Series("version", rows.version, pl.Int64),
-            **fields,
+            **{name: polars_column(name, values) for name, values in fields.items()},
             "valid_from": pl.from_arrow(_instants(rows.valid_from)),
             "valid_to": pl.from_arrow(_instants(rows.valid_to)),
             **{n: pl.Series(n, rows.events[n], pl.String) for n in EVENT_COLUMNS},

@@ -8,6 +8,7 @@ effect by V (``occurred_at <= V``). Either way the chosen events fold in version
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from itertools import chain
 from operator import itemgetter
@@ -346,7 +347,7 @@ def _folded_frame(folded: Folded, output: Output, initial: Any) -> pd.DataFrame 
     is None there), any other state sits in one ``state`` column."""
     states = folded.states
     if states is None:
-        fields = dict(zip(_named(folded.names or []), folded.values or [], strict=True))
+        fields = dict(zip(folded.names or [], folded.values or [], strict=True))
     elif not states and isinstance(initial, dict):
         fields = {name: [] for name in initial}  # no stream: the columns
     elif set(map(type, states)) <= {dict} or all(isinstance(s, dict) for s in states):
@@ -357,20 +358,41 @@ def _folded_frame(folded: Folded, output: Output, initial: Any) -> pd.DataFrame 
     return _frame(folded.ids, folded.versions, instants, fields, output)
 
 
-def _named(names: list[str]) -> list[str]:
-    """The state's field names, refused where one clashes with a column of the result."""
-    clash = [n for n in names if n in ("aggregate_id", "version", "last_event_at")]
-    if clash:
-        raise EsWorkbenchError(
-            f"state field {clash[0]!r} clashes with a column of the result. "
-            "Hint: rename the field in the fold"
-        )
-    return names
+def unclash(fields: dict[str, Any], taken: Iterable[str]) -> dict[str, Any]:
+    """State columns named apart from the frame's own: a state field called like one of them
+    (``version`` in a payload merged by the generic fold) becomes ``state.version``.
+
+    Examples:
+        >>> list(unclash({"version": [2], "owner": ["Ann"]}, ["aggregate_id", "version"]))
+        ['state.version', 'owner']
+    """
+    taken = set(taken)
+    return {f"state.{k}" if k in taken else k: v for k, v in fields.items()}
+
+
+def polars_column(name: str, values: list[Any]) -> pl.Series:
+    """A Polars column of the fold's values, typed when the typed column gives the same values
+    back (``0`` among Decimals is ``Decimal("0.00")``), else of Python objects: Polars would
+    turn mixed values into text, or drop the keys a dict has and the first lacks.
+
+    Examples:
+        >>> polars_column("x", [1, None]).dtype, polars_column("x", [1, "a", {"b": 2}]).dtype
+        (Int64, Object)
+    """
+    import polars as pl
+
+    try:
+        column = pl.Series(name, values, strict=False)
+    except (TypeError, ValueError, OverflowError, pl.exceptions.PolarsError):
+        return pl.Series(name, values, dtype=pl.Object)
+    if column.dtype != pl.Object and column.to_list() != values:  # equal values, or objects
+        return pl.Series(name, values, dtype=pl.Object)
+    return column
 
 
 def _spread(states: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """Dict states as columns, one per key in first-seen order (missing keys are None)."""
-    names = _named(list(dict.fromkeys(chain.from_iterable(states))))
+    names = list(dict.fromkeys(chain.from_iterable(states)))
     if sum(map(len, states)) == len(names) * len(states):  # every state has every key
         return {n: list(map(itemgetter(n), states)) for n in names}
     return {n: [s.get(n) for s in states] for n in names}
@@ -393,16 +415,18 @@ def _frame(
         raise EsWorkbenchError(f"output={output!r} is not one of 'pandas', 'polars'")
     keys = {"aggregate_id": _arrow(ids, pa.string()), "version": _arrow(versions, pa.int64())}
     instants = instants.cast(TIMESTAMP)
+    fields = unclash(fields, [*keys, "last_event_at"])
     if output == "polars":
         import polars as pl
 
-        converted = {
-            k: pl.from_arrow(v) if isinstance(v, pa.ChunkedArray) else v
-            for k, v in {**keys, **fields}.items()
-        }
-        columns = {k: converted.pop(k) for k in keys}
-        data = {**columns, "last_event_at": pl.from_arrow(instants), **converted}
-        return pl.DataFrame(data, strict=False)
+        data = {k: pl.from_arrow(v) for k, v in keys.items()}
+        data["last_event_at"] = pl.from_arrow(instants)
+        for name, values in fields.items():
+            if isinstance(values, pa.ChunkedArray):
+                data[name] = pl.from_arrow(values)
+            else:
+                data[name] = polars_column(name, values)
+        return pl.DataFrame(data)
     import pandas as pd
 
     result = pd.DataFrame({"aggregate_id": keys["aggregate_id"].to_pandas().astype(str)})

@@ -618,3 +618,36 @@ def test_a_strict_declared_fold_refuses_unknown_types_in_sql_too(tmp_path: Path)
         esw.population_diff(store, strict, before=before, after=datetime.now(UTC))
     lenient = esw.Aggregate("Account", fields={"paid": esw.sum("amount", types="MoneyDeposited")})
     assert esw.as_of(store, lenient)["paid"].tolist() == [1, 1]
+
+
+def test_payload_fields_named_like_the_frames_columns(tmp_path: Path) -> None:
+    """The generic fold merges payloads, and payloads carry ``version`` or ``user_id``: such a
+    state field comes as ``state.<name>`` beside the frame's own column, in both outputs."""
+    store = esw.open_store(tmp_path / "s")
+    data = {"version": "v2-draft", "user_id": "u-9", "aggregate_id": "x", "title": "Hi"}
+    store.append("doc-1", [esw.NewEvent("Drafted", data)], aggregate_type="Doc")
+    fold = esw.generic("Doc")
+    row = esw.as_of(store, fold).iloc[0]
+    assert (row["version"], row["state.version"], row["state.aggregate_id"]) == (1, "v2-draft", "x")
+    assert esw.as_of(store, fold, output="polars")["state.version"].to_list() == ["v2-draft"]
+    line = esw.timeline(store, fold, "doc-1").iloc[0]
+    assert (line["user_id"], line["state.user_id"], line["title"]) == (None, "u-9", "Hi")
+    declared = esw.Aggregate("Doc", fields={"version": esw.last("version")})
+    assert esw.as_of(store, declared)[["version", "state.version"]].values.tolist() == [
+        [1, "v2-draft"]
+    ]
+
+
+def test_polars_columns_keep_values_of_mixed_types(tmp_path: Path) -> None:
+    store = esw.open_store(tmp_path / "s")
+    values = [1, 2.5, "txt", {"nested": [1, 2]}]
+    for i, value in enumerate(values):
+        store.append(f"t-{i}", [esw.NewEvent("Set", {"x": value})], aggregate_type="T")
+    store.append("t-9", [esw.NewEvent("Set", {"x": {"other": True}})], aggregate_type="T")
+    frame = esw.as_of(store, esw.generic("T"), output="polars")
+    assert frame["x"].dtype == pl.Object
+    assert frame["x"].to_list() == [*values, {"other": True}]
+    timeline = esw.timeline(store, esw.generic("T"), "t-3", output="polars")
+    assert timeline["x"].to_list() == [{"nested": [1, 2]}]
+    typed = esw.as_of(store, esw.Aggregate("T", fields={"n": esw.count()}), output="polars")
+    assert typed["n"].dtype == pl.Int64

@@ -241,9 +241,8 @@ def test_errors_say_where(tmp_path: Path) -> None:
     with pytest.raises(esw.UnknownStreamError, match="'nobody'"):
         esw.timeline(store, DECLARED, "nobody")
     clash = esw.Aggregate("Account", fields={"valid_to": esw.last("owner")})
-    with pytest.raises(esw.EsWorkbenchError, match="'valid_to' clashes") as info:
-        esw.timeline(store, clash)
-    assert "Hint:" in str(info.value)
+    named = esw.timeline(store, clash)  # a state field named like a column keeps both
+    assert {"valid_to", "state.valid_to"} <= set(named.columns)
     broken = esw.Aggregate("Account", on={"MoneyWithdrawn": lambda s, e: 1 / 0})
     with pytest.raises(esw.FoldError, match="version 4"):
         esw.timeline(store, broken)
