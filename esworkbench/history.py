@@ -358,16 +358,21 @@ def blame(
     folder = Folder(aggregate)
     cursor = folder.start()
     last: dict[str, int] = {}
-    for index, event in enumerate(decode_events(table, aggregate)):
+    events = decode_events(table, aggregate)
+    for index, event in enumerate(events):
         before = cursor.state
         folder.apply(cursor, event)
         last.update(dict.fromkeys(changes(before, cursor.state), index))
     state = cursor.state
     values = dict(state) if isinstance(state, dict) else {"state": state}
     names = [str(n) for n in values]
-    picked = table.select(
-        ["version", "event_type", "event_id", "recorded_at", "user_id", "correlation_id"]
-    ).take(pa.array([last.get(n) for n in names], pa.int64()))
+    # The event types the fold saw: an upcaster may have renamed the stored one (as timeline).
+    seen = pa.array([event.event_type for event in events], pa.string())
+    picked = (
+        table.set_column(table.schema.get_field_index("event_type"), "event_type", seen)
+        .select(["version", "event_type", "event_id", "recorded_at", "user_id", "correlation_id"])
+        .take(pa.array([last.get(n) for n in names], pa.int64()))
+    )
     result = pd.DataFrame(
         {
             "field": pd.Series(names, dtype=object),

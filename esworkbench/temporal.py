@@ -348,8 +348,8 @@ def _folded_frame(folded: Folded, output: Output, initial: Any) -> pd.DataFrame 
     states = folded.states
     if states is None:
         fields = dict(zip(folded.names or [], folded.values or [], strict=True))
-    elif not states and isinstance(initial, dict):
-        fields = {name: [] for name in initial}  # no stream: the columns
+    elif not states:  # no stream: the columns a state would have
+        fields = {name: [] for name in initial} if isinstance(initial, dict) else {"state": []}
     elif set(map(type, states)) <= {dict} or all(isinstance(s, dict) for s in states):
         fields = _spread(states)
     else:

@@ -291,3 +291,20 @@ def test_blame_of_a_whole_state(tmp_path: Path) -> None:
     assert blamed[["field", "value", "version", "event_type"]].to_dict("records") == [
         {"field": "state", "value": 1, "version": 2, "event_type": "MoneyDeposited"}
     ]
+
+
+def test_blame_names_the_event_type_the_fold_saw(tmp_path: Path) -> None:
+    """An upcaster that renames an event type renames it for blame too, as for the timeline."""
+    store = esw.open_store(tmp_path / "s")
+    store.append("a", [esw.NewEvent("Dep", {"amt": 5})], aggregate_type="Account")
+    upcasters = esw.Upcasters()
+    upcasters.add("Dep", 1, lambda data: ("Deposited", {"amount": data["amt"]}))
+    fold = esw.Aggregate(
+        "Account",
+        initial={"balance": 0},
+        on={"Deposited": lambda s, e: {"balance": s["balance"] + e.data["amount"]}},
+        upcasters=upcasters,
+    )
+    blamed = esw.blame(store, fold, "a").set_index("field")
+    assert blamed.loc["balance", "event_type"] == "Deposited"
+    assert esw.timeline(store, fold, "a")["event_type"].tolist() == ["Deposited"]

@@ -651,3 +651,12 @@ def test_polars_columns_keep_values_of_mixed_types(tmp_path: Path) -> None:
     assert timeline["x"].to_list() == [{"nested": [1, 2]}]
     typed = esw.as_of(store, esw.Aggregate("T", fields={"n": esw.count()}), output="polars")
     assert typed["n"].dtype == pl.Int64
+
+
+def test_a_frame_with_no_stream_has_the_states_columns(tmp_path: Path) -> None:
+    store = esw.open_store(tmp_path / "s")
+    store.append("a", [esw.NewEvent("Counted", {})], aggregate_type="Counter")
+    counter = esw.Aggregate("Counter", initial=0, on={"Counted": lambda n, e: n + 1})
+    assert esw.as_of(store, counter)["state"].tolist() == [1]
+    empty = esw.as_of(store, counter, at=datetime(2000, 1, 1, tzinfo=UTC))
+    assert list(empty.columns) == ["aggregate_id", "version", "last_event_at", "state"]
