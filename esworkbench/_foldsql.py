@@ -31,17 +31,28 @@ class InexactError(EsWorkbenchError):
     Python engine answers instead, or, asked for SQL alone, this is the error."""
 
 
-def _inexact(aggregate: Aggregate, slots: dict[str, int]) -> str:
-    """SQL, true for an event carrying a number that the sums, minima and maxima would take
-    inexactly: beyond ``DECIMAL(38, 18)`` (more than 20 integer digits, which the cast turns into
-    NULL, or more than 18 decimals, which it rounds)."""
+def _inexact(aggregate: Aggregate, slots: dict[str, int], *, grouped: bool) -> str:
+    """SQL, true where sums, minima or maxima would take a number inexactly: beyond
+    ``DECIMAL(38, 18)``. Such a number is a JSON double written in exponent form (``1e21``,
+    ``1e-19``: rounded by the cast), or one the cast turns into NULL (20 integer digits and more);
+    a number like ``1.5e-7`` that would fit is counted too, which only costs the fallback.
+    ``grouped``: over each stream's events, as an aggregate (else for each row)."""
     numeric = ("sum", "min", "max")
     fields = {p.field for p in aggregate.fields.values() if p.kind in numeric and p.field}
-    tests = [
-        f"(json_type(v[{slots[f]}]) IN {_NUMBER} AND coalesce(TRY_CAST(v[{slots[f]}]::VARCHAR "
-        f"AS DECIMAL(38, 18))::DOUBLE <> TRY_CAST(v[{slots[f]}] AS DOUBLE), true))"
-        for f in sorted(fields, key=slots.__getitem__)
-    ]
+    tests = []
+    for slot in sorted(slots[f] for f in fields):
+        v = f"v[{slot}]"
+        number = f"TRY_CAST({v}::VARCHAR AS DECIMAL(38, 18))"
+        if grouped:  # counts and a substring: nearly free beside the sum's own cast
+            tests.append(
+                f"count({number}) <> count(*) FILTER (WHERE json_type({v}) IN {_NUMBER}) OR "
+                f"coalesce(bool_or(contains({v}::VARCHAR, 'e')) FILTER "
+                f"(WHERE json_type({v}) = 'DOUBLE'), false)"
+            )
+        else:
+            tests.append(
+                f"(json_type({v}) = 'DOUBLE' AND (contains({v}::VARCHAR, 'e') OR {number} IS NULL))"
+            )
     return " OR ".join(tests) or "false"
 
 
@@ -157,7 +168,8 @@ def compile_as_of(
     relation = "events" if source == "events" else f"({source}) AS events"
     query = (
         "SELECT aggregate_id, max(version) AS version, arg_max(recorded_at, version) AS "
-        f"last_event_at, {', '.join(columns)}, bool_or({_inexact(aggregate, slots)}) AS _inexact "
+        f"last_event_at, {', '.join(columns)}, {_inexact(aggregate, slots, grouped=True)} "
+        "AS _inexact "
         "FROM (SELECT aggregate_id, version, event_type, "
         "recorded_at, occurred_at, json_extract(data, ?::VARCHAR[]) AS v "
         f"FROM {relation} WHERE aggregate_type = ? AND ({where})) "
@@ -233,7 +245,7 @@ def compile_timeline(
     query = (
         f"SELECT aggregate_id, version, recorded_at, {', '.join(columns)}, event_type, event_id, "
         "user_id, correlation_id, lead(recorded_at) OVER stream AS valid_to, "
-        f"{_inexact(aggregate, slots)} AS _inexact "
+        f"{_inexact(aggregate, slots, grouped=False)} AS _inexact "
         "FROM (SELECT aggregate_id, version, event_type, recorded_at, occurred_at, event_id, "
         "user_id, correlation_id, json_extract(data, ?::VARCHAR[]) AS v "
         f"FROM {relation} WHERE aggregate_type = ? AND ({where})) "
