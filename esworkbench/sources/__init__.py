@@ -9,7 +9,7 @@ store's events as JSON Lines, Parquet or CSV.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,17 +40,26 @@ _DATABASE = ("postgresql://", "postgres://")
 
 @dataclass(frozen=True)
 class _Reader:
-    """A source as the import driver sees it: a key, batches past a position, an id lookup."""
+    """A source as the import driver sees it: a key, batches past a position, an id lookup,
+    and for a database, how it hashes its rows and their sums up to positions (see
+    ``sources._checkpoints.Reader``)."""
 
     key: str
     read: Callable[[int, int], Iterator[pa.Table]]
     lookup: Callable[[int], str | None]
+    scheme: str | None = None
+    sums: Callable[[Sequence[int]], list[tuple[int, int]]] | None = None
 
     def batches(self, *, after: int, batch_size: int) -> Iterator[pa.Table]:
         return self.read(after, batch_size)
 
     def event_at(self, position: int) -> str | None:
         return self.lookup(position)
+
+    def digest(self, positions: Sequence[int]) -> list[tuple[int, int]]:
+        if self.sums is None:
+            raise EsWorkbenchError(f"source {self.key} keeps no hashes of its rows")
+        return self.sums(positions)
 
 
 @dataclass(frozen=True)
@@ -104,36 +113,46 @@ def _database_reader(
     columns: Mapping[str, str] | None,
     default_aggregate_type: str | None,
 ) -> _Reader:
+    from esworkbench.sources import _digest_sql
+
     if not source.startswith("sqlite:///"):
         _sql.require_postgres()
     shown = redact(source)  # the key is remembered in the store: never a password in it
     schema, name = split_table(table)
     if format == "common":
-        from esworkbench.sources.postgres import postgres_event_at, read_postgres
+        from esworkbench.sources.postgres import postgres_digest, postgres_event_at, read_postgres
 
         name = name or "events"
+        where: dict[str, Any] = {"table": name, "schema": schema, "columns": columns}
         return _Reader(
             f"postgres:{shown}#{table or name}",
             lambda after, size: read_postgres(
-                source, table=name, schema=schema, columns=columns, after=after, batch_size=size
+                source, after=after, batch_size=size, row_hashes=True, **where
             ),
-            lambda position: postgres_event_at(
-                source, position, table=name, schema=schema, columns=columns
-            ),
+            lambda position: postgres_event_at(source, position, **where),
+            _digest_sql.SCHEME,
+            lambda positions: postgres_digest(source, positions, **where),
         )
     if format == "eventsourcing":
+        from esworkbench.sources import _recorder_hashes
         from esworkbench.sources._recorders import find_app
-        from esworkbench.sources.eventsourcing import eventsourcing_event_at, read_eventsourcing
+        from esworkbench.sources.eventsourcing import (
+            eventsourcing_digest,
+            eventsourcing_event_at,
+            read_eventsourcing,
+        )
 
         schema, app = find_app(source, name, schema)
         return _Reader(
             f"eventsourcing:{shown}#{schema + '.' if schema else ''}{app}",
             lambda after, size: read_eventsourcing(
-                source, app=app, schema=schema, after=after, batch_size=size
+                source, app=app, schema=schema, after=after, batch_size=size, row_hashes=True
             ),
             lambda position: eventsourcing_event_at(source, position, app=app, schema=schema),
+            _recorder_hashes.SCHEME,
+            lambda positions: eventsourcing_digest(source, positions, app=app, schema=schema),
         )
-    from esworkbench.sources.marten import marten_event_at, read_marten
+    from esworkbench.sources.marten import marten_digest, marten_event_at, read_marten
 
     marten_schema = table or "public"
     return _Reader(
@@ -144,8 +163,11 @@ def _database_reader(
             after=after,
             batch_size=size,
             default_aggregate_type=default_aggregate_type,
+            row_hashes=True,
         ),
         lambda position: marten_event_at(source, position, schema=marten_schema),
+        _digest_sql.SCHEME,
+        lambda positions: marten_digest(source, positions, schema=marten_schema),
     )
 
 
@@ -199,6 +221,11 @@ def import_events(
 
     Returns:
         :class:`ImportResult` with ``imported``, ``quarantined`` and ``last_position``.
+
+    Raises:
+        SourceRewrittenError: a row at or before the last imported position changed, went or
+            came since it was read (its ``first`` and ``last`` bracket the first change);
+            nothing is imported.
 
     Examples:
         >>> import json, tempfile, pathlib, esworkbench as esw

@@ -16,6 +16,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+import pyarrow as pa
+
 from esworkbench.errors import EsWorkbenchError
 from esworkbench.sources import _sql
 from esworkbench.sources._urls import redact
@@ -23,7 +25,7 @@ from esworkbench.sources._urls import redact
 if TYPE_CHECKING:
     from psycopg import sql
 
-__all__ = ["Recorder", "Row", "find_app", "open_recorder"]
+__all__ = ["STORED", "Recorder", "Row", "find_app", "open_recorder", "stored_table"]
 
 _HEX32: Final = re.compile(r"[0-9a-f]{32}")
 
@@ -41,6 +43,42 @@ class Recorder(Protocol):
     def at(self, position: int) -> tuple[str, int] | None: ...
     def canonical_id(self, originator_id: str) -> str: ...
     def close(self) -> None: ...
+    def stored(self, after: int, batch_size: int) -> Iterator[pa.Table]:
+        """The stored events past ``after``, as stored, in tables of :data:`STORED`."""
+        ...
+
+
+STORED: Final = pa.schema(
+    [
+        pa.field("position", pa.int64()),
+        pa.field("originator_id", pa.string()),
+        pa.field("originator_version", pa.int64()),
+        pa.field("topic", pa.string()),
+        pa.field("state", pa.binary()),
+    ]
+)
+"""Stored events as the library wrote them (see ``sources._recorder_hashes``)."""
+
+
+def _array(values: Sequence[Any], kind: pa.DataType) -> pa.Array:
+    try:
+        return pa.array(values, kind)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        # A value of another type (a corrupt row): its text, the same every time it is read.
+        return pa.array([None if v is None else repr(v) for v in values], pa.string())
+
+
+def stored_table(rows: Sequence[Row]) -> pa.Table:
+    """Stored events ``(position, originator_id, version, topic, state)`` as a table of
+    :data:`STORED` (a column holding a value of another type becomes text).
+
+    Examples:
+        >>> stored_table([(1, "a1", 1, "m:A.Opened", b"{}")]).column_names
+        ['position', 'originator_id', 'originator_version', 'topic', 'state']
+    """
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in STORED]
+    arrays = [_array(values, f.type) for values, f in zip(columns, STORED, strict=True)]
+    return pa.Table.from_arrays(arrays, names=STORED.names)
 
 
 class _SQLite:
@@ -68,6 +106,10 @@ class _SQLite:
             "WHERE rowid > ? ORDER BY rowid"
         )
         return self._batches(query, (after,), batch_size)
+
+    def stored(self, after: int, batch_size: int) -> Iterator[pa.Table]:
+        for rows in self.events(after, batch_size):
+            yield stored_table(rows)
 
     def first_states(self, originator_ids: Sequence[str]) -> dict[str, bytes]:
         query = (
@@ -147,6 +189,13 @@ class _Postgres:
     def events(self, after: int, batch_size: int) -> Iterator[list[Row]]:
         where = f"WHERE notification_id > {int(after)} ORDER BY notification_id"
         return self._rows(self._select(self.events_table, "notification_id", where), batch_size)
+
+    def stored(self, after: int, batch_size: int) -> Iterator[pa.Table]:
+        # Arrow as fetched, not through Python rows: the same table stored_table makes of them.
+        where = f"WHERE notification_id > {int(after)} ORDER BY notification_id"
+        query = self._select(self.events_table, "notification_id", where)
+        for batch in _sql.stream(self.connection, query, batch_size):
+            yield batch.rename_columns(STORED.names).cast(STORED)
 
     def first_states(self, originator_ids: Sequence[str]) -> dict[str, bytes]:
         from psycopg import sql

@@ -35,10 +35,13 @@ from decimal import Decimal
 from json.encoder import encode_basestring as _quote  # C-accelerated, keeps non-ASCII text
 from typing import Any, Final
 
+import duckdb
 import pyarrow as pa
 
 from esworkbench.events import dumps_json, loads_exact
 from esworkbench.sources import _sql
+from esworkbench.sources._digest import ROW_HASH
+from esworkbench.sources._recorder_hashes import raw_hashes, recorder_digest
 from esworkbench.sources._recorders import Row, open_recorder
 from esworkbench.sources._rows import SOURCE_SCHEMA
 from esworkbench.sources._sql import SNAPSHOT_SOURCE_SCHEMA
@@ -46,6 +49,7 @@ from esworkbench.sources._sql import SNAPSHOT_SOURCE_SCHEMA
 __all__ = [
     "EVENT_ID_NAMESPACE",
     "derived_event_id",
+    "eventsourcing_digest",
     "eventsourcing_event_at",
     "read_eventsourcing",
     "read_eventsourcing_snapshots",
@@ -283,6 +287,7 @@ def read_eventsourcing(
     after: int = 0,
     batch_size: int = 100_000,
     transcodings: Mapping[str, Transcoding] | None = None,
+    row_hashes: bool = False,
 ) -> Iterator[pa.Table]:
     """Streams the events an eventsourcing application recorded, in notification order.
 
@@ -297,6 +302,8 @@ def read_eventsourcing(
         transcodings: wrapper name -> decoder, for an application's own transcodings (the
             library's UUID, Decimal and datetime wrappers are always read); unknown wrappers
             stay in the data as stored.
+        row_hashes: add the hash of each stored row as a last column ``_esw_row_hash`` (see
+            :func:`eventsourcing_digest`).
 
     Returns:
         Tables in :data:`~esworkbench.sources._rows.SOURCE_SCHEMA`, one row per stored event;
@@ -308,12 +315,39 @@ def read_eventsourcing(
     _sql.check_batch_size(batch_size, after)
     decoder = _Decoder(transcodings)
     recorder = open_recorder(source, app, schema)
+    hasher = duckdb.connect() if row_hashes else None
     try:
         for rows in recorder.events(after, batch_size):
             first_states = recorder.first_states(sorted({r[1] for r in rows}))
             streams = _streams(rows, first_states, recorder.canonical_id)
             events = [_event(row, streams[row[1]], decoder) for row in rows]
-            yield _table(events, SOURCE_SCHEMA)
+            table = _table(events, SOURCE_SCHEMA)
+            if hasher is not None:
+                table = table.append_column(ROW_HASH, pa.array(raw_hashes(rows, hasher)))
+            yield table
+    finally:
+        recorder.close()
+        if hasher is not None:
+            hasher.close()
+
+
+def eventsourcing_digest(
+    source: str | os.PathLike[str],
+    positions: Sequence[int],
+    *,
+    app: str | None = None,
+    schema: str | None = None,
+) -> list[tuple[int, int]]:
+    """For each position (ascending), the stored events up to it and the sum of their hashes,
+    as ``read_eventsourcing(..., row_hashes=True)`` gives them; their states are not decoded.
+
+    Examples:
+        >>> eventsourcing_digest("sqlite:///bank.db", [3, 5])  # doctest: +SKIP
+        [(3, 16470523101853622271), (5, 2830744617101930331)]
+    """
+    recorder = open_recorder(source, app, schema)
+    try:
+        return recorder_digest(recorder, positions)
     finally:
         recorder.close()
 

@@ -5,7 +5,8 @@ The driver holds the store's lock for the whole import, checks and places each b
 is stored plus what this import has staged so far, writes each batch's files, and commits them all
 at the end in one Delta transaction together with the source's checkpoint (Delta's application
 transaction id). So an import that fails or dies leaves nothing visible, and a re-run reads only
-past the last committed source position. What the import remembers of every event and stream
+past the last committed source position, once it has found the rows up to it as they were when
+they were read (see ``sources._checkpoints``). What the import remembers of every event and stream
 it has placed spills past a few megabytes to a folder in the store (``.import-*``), removed when
 the import ends (or by the next import, after a crash), so memory does not grow with the source.
 """
@@ -23,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Literal, Protocol, cast
+from typing import IO, Any, Literal, cast
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +40,7 @@ from esworkbench.errors import (
 )
 from esworkbench.events import EVENT_SCHEMA
 from esworkbench.sources import _ids, _streams
+from esworkbench.sources._checkpoints import Prefix, Reader, SourceRewrittenError
 from esworkbench.sources._settled import Unsettled
 from esworkbench.store import Store
 
@@ -46,35 +48,8 @@ __all__ = ["ImportResult", "OnError", "Reader", "SourceRewrittenError", "run_imp
 
 OnError = Literal["fail", "quarantine"]
 _APP_PREFIX = "esworkbench-import:"
-_CHECKPOINTS = "imports.json"
 _SPILL_PREFIX = ".import-"
 _REQUIRED = ("event_type", "aggregate_type", "aggregate_id", "data")
-
-
-class SourceRewrittenError(EsWorkbenchError):
-    """A source position imported earlier now holds a different event.
-
-    Examples:
-        >>> issubclass(SourceRewrittenError, EsWorkbenchError)
-        True
-    """
-
-
-class Reader(Protocol):
-    """A source of events, read in order of source position."""
-
-    @property
-    def key(self) -> str:
-        """Names the source for incremental imports (the same source, the same key)."""
-        ...
-
-    def batches(self, *, after: int, batch_size: int) -> Iterator[pa.Table]:
-        """Source rows with ``source_position > after``, in order, as Arrow tables."""
-        ...
-
-    def event_at(self, position: int) -> str | None:
-        """The event_id the source holds at a position now (None if there is none)."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +218,8 @@ def run_import(
     Raises:
         InvalidEventError: with ``on_error="fail"``, at the first bad row, naming its source
             position, field and reason; nothing of the import is committed.
-        SourceRewrittenError: a position imported before now holds another event.
+        SourceRewrittenError: a row at or before the last imported position changed, went or
+            came since it was imported (see ``sources._checkpoints``); nothing is imported.
     """
     if on_error not in ("fail", "quarantine"):
         raise EsWorkbenchError(
@@ -256,7 +232,8 @@ def run_import(
     with store._locked():
         store._bind()
         after = store.app_version(app_id) or 0
-        _check_not_rewritten(store, reader, app_id)
+        prefix = Prefix(store, app_id, reader, after)
+        read_after = prefix.start()  # the rows up to ``after`` are checked before any is staged
         stager = _Stager(store)
         progress: Any = None
         imported, last = 0, after
@@ -274,8 +251,9 @@ def run_import(
             progress = tqdm(
                 desc=f"import {reader.key}", unit="event", unit_scale=True, disable=None
             )
-            batches = _Batches(reader.batches(after=after, batch_size=batch_size))
+            batches = _Batches(reader.batches(after=read_after, batch_size=batch_size))
             for batch in batches:
+                batch = prefix.take(batch)  # its rows past the checkpoint
                 progress.update(batch.num_rows)
                 if batch.num_rows == 0:
                     continue
@@ -302,7 +280,10 @@ def run_import(
                 stager.submit(placed)
                 head += placed.num_rows
                 imported += placed.num_rows
+            prefix.finish()
             staged = stager.wait()
+            if last > after or (prefix.changed and last):
+                prefix.remember(last, last_event_id)  # before the commit: see _checkpoints
             if last > after:
                 store._commit_actions(staged, app=(app_id, last))
         except BaseException:
@@ -310,12 +291,11 @@ def run_import(
             raise
         finally:
             stager.close()
+            prefix.close()
             shutil.rmtree(spill, ignore_errors=True)
             if progress is not None:
                 progress.close()
             quarantined.close()
-        if last > after:
-            _remember(store, app_id, last, last_event_id)
     return ImportResult(
         reader.key,
         imported=imported,
@@ -395,39 +375,3 @@ def _spill_folder(store: Store) -> Path:
 
 def _safe(key: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)[-80:]
-
-
-def _check_not_rewritten(store: Store, reader: Reader, app_id: str) -> None:
-    known = _checkpoints(store).get(app_id)
-    if not known:
-        return
-    position, event_id = int(str(known["position"])), known.get("event_id")
-    if event_id is None:
-        return
-    now = reader.event_at(position)
-    if now != event_id:
-        raise SourceRewrittenError(
-            f"source {reader.key} has rewritten its history: position {position} held event "
-            f"{event_id} when it was imported, and now holds {now}. Nothing was imported. "
-            "Hint: import the rewritten source into a new store, or compare the two histories"
-        )
-
-
-def _checkpoints(store: Store) -> dict[str, dict[str, object]]:
-    path = store.path / _CHECKPOINTS
-    try:
-        body = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise EsWorkbenchError(f"{path} cannot be read: {exc}. Hint: delete it") from exc
-    return body if isinstance(body, dict) else {}
-
-
-def _remember(store: Store, app_id: str, position: int, event_id: str | None) -> None:
-    """Keeps the event_id at the checkpoint, to notice a rewritten source next time."""
-    body = _checkpoints(store)
-    body[app_id] = {"position": position, "event_id": event_id}
-    temporary = store.path / f".{_CHECKPOINTS}.tmp"
-    temporary.write_text(json.dumps(body, indent=2) + "\n")
-    temporary.replace(store.path / _CHECKPOINTS)

@@ -25,7 +25,7 @@ Each event becomes one row of :data:`~esworkbench.sources._rows.SOURCE_SCHEMA`:
 from __future__ import annotations
 
 import json
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Final
 
 import pyarrow as pa
@@ -34,12 +34,13 @@ from psycopg import sql
 
 from esworkbench.errors import EsWorkbenchError
 from esworkbench.sources import _sql
+from esworkbench.sources._digest_sql import hashing, sums
 from esworkbench.sources._settled import Source, Unsettled, between, read_settled
 
 if TYPE_CHECKING:
     from adbc_driver_manager.dbapi import Connection
 
-__all__ = ["marten_event_at", "read_marten", "read_marten_snapshots"]
+__all__ = ["marten_digest", "marten_event_at", "read_marten", "read_marten_snapshots"]
 
 _HEADER_KEYS: Final = {
     "correlation_id": ("correlationId", "correlation_id", "CorrelationId"),
@@ -62,10 +63,15 @@ def _optional(columns: dict[str, str], name: str, kind: str) -> sql.Composable:
 
 
 def _events_query(
-    columns: dict[str, str], events: sql.Identifier, after: int, upto: int | None
+    columns: dict[str, str],
+    events: sql.Identifier,
+    after: int,
+    upto: int | None,
+    *,
+    ordered: bool = True,
 ) -> str:
     """The events past ``after`` (up to ``upto``) in seq_id order, straight from the primary
-    key: no join, no sort."""
+    key: no join, no sort (not ordered: in any order, for an aggregate over them)."""
     return (
         sql.SQL(
             """SELECT e.seq_id::bigint AS source_position, e.id::text AS event_id,
@@ -75,7 +81,7 @@ def _events_query(
                 e.data::text AS data, {tenant} AS tenant_id, {dotnet} AS mt_dotnet_type,
                 {headers} AS headers, {archived} AS is_archived,
                 {correlation} AS correlation_id, {causation} AS causation_id
-            FROM {events} e WHERE {where} ORDER BY e.seq_id"""
+            FROM {events} e WHERE {where} {order}"""
         )
         .format(
             tenant=_optional(columns, "tenant_id", "text"),
@@ -86,6 +92,7 @@ def _events_query(
             causation=_optional(columns, "causation_id", "text"),
             events=events,
             where=between(sql.SQL("e.seq_id"), after, upto),
+            order=sql.SQL("ORDER BY e.seq_id" if ordered else ""),
         )
         .as_string()
     )
@@ -187,6 +194,7 @@ def read_marten(
     batch_size: int = 100_000,
     default_aggregate_type: str | None = None,
     settle_seconds: float | None = None,
+    row_hashes: bool = False,
 ) -> Generator[pa.Table, None, Unsettled | None]:
     """Streams the events of a Marten event store in ``seq_id`` order.
 
@@ -204,6 +212,8 @@ def read_marten(
             (streams started without an aggregate type); without it they are error rows.
         settle_seconds: how long to wait at a gap for the transactions that may fill it
             (default :data:`~esworkbench.sources._settled.SETTLE_SECONDS`).
+        row_hashes: add the hash of each ``mt_events`` row, computed by PostgreSQL, as a last
+            column ``_esw_row_hash`` (see :func:`marten_digest`).
 
     Returns:
         Tables in :data:`~esworkbench.sources._rows.SOURCE_SCHEMA`, one row per event; data is
@@ -246,13 +256,16 @@ def read_marten(
                     metadata_compact=True,
                 )
 
+            done: Callable[[pa.Table], pa.Table] = finish
+            if row_hashes:
+                source, done = hashing(connection, source, finish)
             return (
                 yield from read_settled(
                     connection,
                     source,
                     after=after,
                     batch_size=batch_size,
-                    finish=finish,
+                    finish=done,
                     seconds=settle_seconds,
                 )
             )
@@ -283,6 +296,26 @@ def _columns(connection: Connection, events: sql.Identifier, schema: str) -> dic
             "Hint: Marten writes timestamptz; read a view that converts the column"
         )
     return columns
+
+
+def marten_digest(
+    dsn: str, positions: Sequence[int], *, schema: str = "public"
+) -> list[tuple[int, int]]:
+    """For each position (ascending), the ``mt_events`` rows up to it and the sum of their
+    hashes, as ``read_marten(..., row_hashes=True)`` gives them; one aggregate in the database.
+
+    Examples:
+        >>> marten_digest("postgresql://postgres@127.0.0.1/shop", [7])  # doctest: +SKIP
+        [(7, 4021776391412866262)]
+    """
+    events, _ = _tables(schema)
+    with _sql.connect(dsn) as connection:
+        columns = _columns(connection, events, schema)
+        return sums(
+            connection,
+            lambda past, upto: _events_query(columns, events, past, upto, ordered=False),
+            positions,
+        )
 
 
 def marten_event_at(dsn: str, position: int, *, schema: str = "public") -> str | None:

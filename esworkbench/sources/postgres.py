@@ -19,13 +19,15 @@ canonical: compact JSON with numbers as stored, canonical UUIDs, ids promoted fr
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Iterator, Mapping
-from typing import Final
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Final
 
 import pyarrow as pa
 from psycopg import sql
 
 from esworkbench.errors import EsWorkbenchError
+from esworkbench.sources._digest_sql import hashing, sums
 from esworkbench.sources._rows import SOURCE_SCHEMA
 from esworkbench.sources._settled import Source, Unsettled, between, read_settled
 from esworkbench.sources._sql import (
@@ -42,9 +44,13 @@ from esworkbench.sources._sql import (
     table_name,
 )
 
+if TYPE_CHECKING:
+    from adbc_driver_manager.dbapi import Connection
+
 __all__ = [
     "SNAPSHOT_SOURCE_SCHEMA",
     "SOURCE_SCHEMA",
+    "postgres_digest",
     "postgres_event_at",
     "read_postgres",
     "read_postgres_snapshots",
@@ -134,6 +140,7 @@ def read_postgres(
     after: int = 0,
     batch_size: int = 100_000,
     settle_seconds: float | None = None,
+    row_hashes: bool = False,
 ) -> Generator[pa.Table, None, Unsettled | None]:
     """Streams the events of a PostgreSQL table in the common schema, in ``id`` order.
 
@@ -153,6 +160,8 @@ def read_postgres(
         batch_size: the most rows in one table.
         settle_seconds: how long to wait at a gap for the transactions that may fill it
             (default :data:`~esworkbench.sources._settled.SETTLE_SECONDS`).
+        row_hashes: add each row's hash, computed by PostgreSQL, as a last column
+            ``_esw_row_hash`` (see :func:`postgres_digest`).
 
     Returns:
         An iterator of tables in :data:`SOURCE_SCHEMA`, one row per source row. ``data`` and
@@ -172,50 +181,91 @@ def read_postgres(
     """
     check_batch_size(batch_size, after)
     mapped = _mapping(columns, EVENT_COLUMNS)
-    position = mapped["source_position"]
-    if position is None:
-        raise EsWorkbenchError("columns= must name the source_position column, for example 'id'")
     with connect(dsn) as connection:
-        source = table_name(table, schema)
-        types = column_types(connection, source)
-        _missing(mapped.values(), types, table)
-        kinds = {types.get(mapped[n] or "", "jsonb") for n in ("data", "metadata")}
-        json_checked = kinds <= _JSON_TYPES
-        items = [
-            _typed(position, "bigint"),
-            *(_typed(mapped[n], "text") for n in _TEXT_COLUMNS),
-            _typed(mapped["version"], "bigint"),
-            _timestamp(mapped["recorded_at"], types, table),
-            _timestamp(mapped["occurred_at"], types, table),
-            _typed(mapped["schema_version"], "bigint"),
-            _typed(mapped["data"], "text"),
-            _typed(mapped["metadata"], "text"),
-            *(_typed(mapped[n], "text") for n in _PROMOTED),
-        ]
-        selected = sql.SQL(", ").join(
-            sql.SQL("{} AS {}").format(item, sql.Identifier(name))
-            for item, name in zip(items, EVENT_COLUMNS, strict=True)
-        )
-        p = sql.Identifier(position)
-
-        def rows(past: int, upto: int | None) -> str:
-            query = sql.SQL("SELECT {items} FROM {source} WHERE {where} ORDER BY {p}")
-            where = between(p, past, upto)
-            return query.format(items=selected, source=source, where=where, p=p).as_string()
-
-        highest = sql.SQL("SELECT max({p})::bigint FROM {source}").format(p=p, source=source)
-        settling = Source([source.as_string()], highest.as_string(), rows)
+        settling, json_checked = _events(connection, mapped, table, schema)
         with checker_connection() as checker:
+            done: Callable[[pa.Table], pa.Table]
+            done = partial(finish, checker=checker, json_checked=json_checked)
+            if row_hashes:
+                settling, done = hashing(connection, settling, done)
             return (
                 yield from read_settled(
                     connection,
                     settling,
                     after=after,
                     batch_size=batch_size,
-                    finish=lambda batch: finish(batch, checker, json_checked=json_checked),
+                    finish=done,
                     seconds=settle_seconds,
                 )
             )
+
+
+def _events(
+    connection: Connection,
+    mapped: Mapping[str, str | None],
+    table: str,
+    schema: str | None,
+    *,
+    ordered: bool = True,
+) -> tuple[Source, bool]:
+    """The table as :func:`read_settled` reads it, and whether its JSON needs no check (not
+    ordered: its rows in any order, for an aggregate over them)."""
+    position = mapped["source_position"]
+    if position is None:
+        raise EsWorkbenchError("columns= must name the source_position column, for example 'id'")
+    source = table_name(table, schema)
+    types = column_types(connection, source)
+    _missing(mapped.values(), types, table)
+    kinds = {types.get(mapped[n] or "", "jsonb") for n in ("data", "metadata")}
+    items = [
+        _typed(position, "bigint"),
+        *(_typed(mapped[n], "text") for n in _TEXT_COLUMNS),
+        _typed(mapped["version"], "bigint"),
+        _timestamp(mapped["recorded_at"], types, table),
+        _timestamp(mapped["occurred_at"], types, table),
+        _typed(mapped["schema_version"], "bigint"),
+        _typed(mapped["data"], "text"),
+        _typed(mapped["metadata"], "text"),
+        *(_typed(mapped[n], "text") for n in _PROMOTED),
+    ]
+    selected = sql.SQL(", ").join(
+        sql.SQL("{} AS {}").format(item, sql.Identifier(name))
+        for item, name in zip(items, EVENT_COLUMNS, strict=True)
+    )
+    p = sql.Identifier(position)
+
+    def rows(past: int, upto: int | None) -> str:
+        query = sql.SQL("SELECT {items} FROM {source} WHERE {where} {order}")
+        where = between(p, past, upto)
+        order = sql.SQL("ORDER BY {}").format(p) if ordered else sql.SQL("")
+        return query.format(items=selected, source=source, where=where, order=order).as_string()
+
+    highest = sql.SQL("SELECT max({p})::bigint FROM {source}").format(p=p, source=source)
+    return Source([source.as_string()], highest.as_string(), rows), kinds <= _JSON_TYPES
+
+
+def postgres_digest(
+    dsn: str,
+    positions: Sequence[int],
+    *,
+    table: str = "events",
+    schema: str | None = None,
+    columns: Mapping[str, str | None] | None = None,
+) -> list[tuple[int, int]]:
+    """For each position (ascending), the rows up to it and the sum of their hashes, as
+    ``read_postgres(..., row_hashes=True)`` gives them; one aggregate in the database.
+
+    An importer compares them with what it read, to notice rows changed under its checkpoint
+    (see :mod:`esworkbench.sources._digest_sql`).
+
+    Examples:
+        >>> postgres_digest("postgresql://postgres@127.0.0.1/test", [2, 4])  # doctest: +SKIP
+        [(2, 9254160437093526161), (4, 1317471062914911740)]
+    """
+    mapped = _mapping(columns, EVENT_COLUMNS)
+    with connect(dsn) as connection:
+        settling, _ = _events(connection, mapped, table, schema, ordered=False)
+        return sums(connection, settling.rows, positions)
 
 
 def postgres_event_at(
