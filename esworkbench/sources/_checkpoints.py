@@ -27,14 +27,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from esworkbench.errors import EsWorkbenchError
-from esworkbench.sources._digest import MAX_MARKS, ROW_HASH, Digest, Mark, Tally, row_hashes
+from esworkbench.sources._digest import (
+    HASH_VERSION,
+    MAX_MARKS,
+    ROW_HASH,
+    Digest,
+    Mark,
+    Tally,
+    row_hashes,
+)
 
 if TYPE_CHECKING:
     from esworkbench.store import Store
 
 __all__ = ["Checkpoint", "Prefix", "Reader", "SourceRewrittenError", "load", "save"]
 
-ROWS_SCHEME = "rows-md5/1"
+ROWS_SCHEME = f"rows-{HASH_VERSION}/2"
 """The scheme of digests the importer makes itself, of the rows a reader yields. A change to what
 the file readers yield for the same file must change it: digests of another scheme are not
 compared (the event_id at the checkpoint is, as for a checkpoint without digest)."""

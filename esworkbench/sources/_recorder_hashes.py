@@ -17,7 +17,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from esworkbench.sources._digest import Tally, row_hashes
+from esworkbench.sources._digest import HASH_VERSION, Tally, row_hashes
 from esworkbench.sources._recorders import stored_table
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SCHEME", "raw_hashes", "recorder_digest"]
 
-SCHEME: Final = "eventsourcing-md5/1"
+SCHEME: Final = f"eventsourcing-{HASH_VERSION}/2"
 """The digest scheme of the hashes made here (a change to them must change it)."""
 
 
