@@ -24,7 +24,7 @@ from esworkbench.engine import Folder, Row, Source, decode_events, fold_events
 from esworkbench.errors import EsWorkbenchError
 from esworkbench.parallel import fold_columns
 from esworkbench.query import translate
-from esworkbench.temporal import Output, _sql_rows, compiles, instant, read_events, sql_as_of
+from esworkbench.temporal import Output, _sql_rows, compiles, instant, read_events, sql_fold
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -302,7 +302,7 @@ class PopulationDiff:
 
 def _rows(source: Source, aggregate: Aggregate, where: str, params: list[Any]) -> list[Row]:
     table = (
-        sql_as_of(source, aggregate, where, params, fallback=True) if compiles(aggregate) else None
+        sql_fold(source, aggregate, where, params, fallback=True) if compiles(aggregate) else None
     )
     if table is not None:
         return _sql_rows(aggregate, table)

@@ -38,7 +38,7 @@ from esworkbench.temporal import (
     instant,
     polars_column,
     read_events,
-    refuse_unknown,
+    sql_fold,
     unclash,
 )
 
@@ -120,13 +120,8 @@ def fold_rows(folder: Folder, batch: pa.Table | pa.RecordBatch, rows: Rows) -> N
 
 def _sql_rows(source: Source, aggregate: Aggregate, where: str, params: list[Any]) -> Rows | None:
     """The timeline of every stream from one SQL query (None: SQL cannot answer it exactly)."""
-    refuse_unknown(source, aggregate, where, params)
-    upcasters = aggregate.upcasters
-    relation = upcasters.events_sql() if upcasters else "events"
-    query, args = _foldsql.compile_timeline(aggregate, where, params, relation)
-    try:
-        table = _foldsql.exact(fetch(source, query, args), aggregate)
-    except _foldsql.InexactError:
+    table = sql_fold(source, aggregate, where, params, fallback=True, timeline=True)
+    if table is None:
         return None
     fields = _foldsql.present_columns(aggregate, table)
     size = table.num_rows

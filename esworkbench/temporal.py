@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from itertools import chain
+from numbers import Integral  # numpy integers are Integral, not int
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -70,8 +71,6 @@ def instant(value: object, name: str) -> datetime | None:
 
 
 def _version(value: object) -> int | None:
-    from numbers import Integral  # numpy integers are Integral, not int
-
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
@@ -236,7 +235,7 @@ def as_of(
         )
     table = None
     if engine != "python" and compiles(aggregate):
-        table = sql_as_of(source, aggregate, where, params, fallback=engine == "auto")
+        table = sql_fold(source, aggregate, where, params, fallback=engine == "auto")
     if table is not None:
         fields = _foldsql.present_columns(aggregate, table, arrow_instants=True)
         constant = {k: [v] * table.num_rows for k, v in aggregate.start().items()}
@@ -252,11 +251,18 @@ def as_of(
         return _folded_frame(folded, output, aggregate.start())
 
 
-def sql_as_of(
-    source: Source, aggregate: Aggregate, where: str, params: list[Any], *, fallback: bool
+def sql_fold(
+    source: Source,
+    aggregate: Aggregate,
+    where: str,
+    params: list[Any],
+    *,
+    fallback: bool,
+    timeline: bool = False,
 ) -> pa.Table | None:
-    """Every stream of a declared fold from one SQL query (see
-    :func:`~esworkbench._foldsql.compile_as_of`), or None when SQL cannot answer it exactly and
+    """Every stream of a declared fold from one SQL query, as of its last event
+    (:func:`~esworkbench._foldsql.compile_as_of`) or, with ``timeline``, at every version
+    (:func:`~esworkbench._foldsql.compile_timeline`); None when SQL cannot answer it exactly and
     ``fallback`` leaves it to the Python engine.
 
     Raises:
@@ -268,13 +274,14 @@ def sql_as_of(
         >>> store = esw.open_store(tempfile.mkdtemp())
         >>> _ = store.append("a", [esw.NewEvent("Paid", {"amount": 10**25})], aggregate_type="A")
         >>> fold = esw.Aggregate("A", fields={"paid": esw.sum("amount")})
-        >>> sql_as_of(store, fold, "true", [], fallback=True) is None
+        >>> sql_fold(store, fold, "true", [], fallback=True) is None
         True
     """
     refuse_unknown(source, aggregate, where, params)
     upcasters = aggregate.upcasters
     relation = upcasters.events_sql() if upcasters else "events"
-    query, args = _foldsql.compile_as_of(aggregate, where, params, relation)
+    compile_fold = _foldsql.compile_timeline if timeline else _foldsql.compile_as_of
+    query, args = compile_fold(aggregate, where, params, relation)
     try:
         table = source.sql(query, args).to_arrow_table()
     except duckdb.Error as exc:  # a relation runs lazily: its errors come here
