@@ -52,8 +52,9 @@ def schema() -> Iterator[str]:
         connection.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
 
 
-def _application(name: str, schema: str) -> Application[uuid.UUID]:
-    env = {
+def _postgres_env(schema: str) -> dict[str, str]:
+    """The library's settings for its PostgreSQL recorder in database test, in ``schema``."""
+    return {
         "PERSISTENCE_MODULE": "eventsourcing.postgres",
         "POSTGRES_DBNAME": "test",
         "POSTGRES_HOST": "127.0.0.1",
@@ -62,7 +63,10 @@ def _application(name: str, schema: str) -> Application[uuid.UUID]:
         "POSTGRES_PASSWORD": "",
         "POSTGRES_SCHEMA": schema,
     }
-    app: Application[uuid.UUID] = type(name, (Application,), {})(env=env)
+
+
+def _application(name: str, schema: str) -> Application[uuid.UUID]:
+    app: Application[uuid.UUID] = type(name, (Application,), {})(env=_postgres_env(schema))
     return app
 
 
@@ -237,16 +241,7 @@ def test_text_ids_stay_as_written_in_sqlite(tmp_path: Path) -> None:
 
 @pytest.mark.postgres
 def test_text_ids_stay_as_written_in_postgres(tmp_path: Path, schema: str) -> None:
-    env = {
-        "PERSISTENCE_MODULE": "eventsourcing.postgres",
-        "POSTGRES_DBNAME": "test",
-        "POSTGRES_HOST": "127.0.0.1",
-        "POSTGRES_PORT": "5432",
-        "POSTGRES_USER": "postgres",
-        "POSTGRES_PASSWORD": "",
-        "POSTGRES_SCHEMA": schema,
-    }
-    app = _kennel(env)
+    app = _kennel(_postgres_env(schema))
     app.close()
     store = esw.open_store(tmp_path / "store")
     result = esw.import_events(store, DSN, format="eventsourcing", table=f"{schema}.")
