@@ -87,9 +87,10 @@ def init(directory: Path) -> None:
         click.echo(f"Initialised store at {store.path}")
 
 
-def _open(path: Path) -> Store:
-    """Opens an existing store: a typo in the path is an error, not a new store."""
-    store = open_store(path, create=False)
+def _open(path: Path, *, create: bool = False) -> Store:
+    """Opens an existing store (a typo in the path is an error, not a new store), or with
+    ``create`` a new one."""
+    store = open_store(path, create=create)
     store.sql("SET enable_progress_bar = false")  # DuckDB would draw it on stdout
     return store
 
@@ -97,12 +98,11 @@ def _open(path: Path) -> Store:
 def _open_or_create(path: Path) -> Store:
     """Opens a store, creating it when ``path`` does not exist yet or is an empty directory (an
     import fills a new store); a directory holding anything else is an error."""
-    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
-        store = open_store(path)
+    new = not path.exists() or (path.is_dir() and not any(path.iterdir()))
+    store = _open(path, create=new)
+    if new:
         click.echo(f"Initialised store at {store.path}", err=True)
-        store.sql("SET enable_progress_bar = false")
-        return store
-    return _open(path)
+    return store
 
 
 def _open_readable(path: Path) -> Store | AttachedLake:
